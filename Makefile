@@ -1,0 +1,24 @@
+# `make run` and `make test` do all set-up first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config_example.yaml
+
+.PHONY: setup run test lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/cnisup start --config $(CONFIG)
+
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check protocol supervisor workers tests
+	@# mypy cannot follow the editable install's import hook: give it a tree named like the package.
+	@mkdir -p build/typecheck/cnisup && for p in supervisor workers protocol; do ln -sfn ../../../$$p build/typecheck/cnisup/$$p; done
+	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p cnisup
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,135 @@
+"""Capability probes: can this host run a family's primary worker, and if not,
+why. ``cnisup check`` prints them; the supervisor uses them to choose. Probes
+only look: they change nothing on the host."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from inotify_simple import INotify
+
+from cnisup.supervisor.config import Config
+from cnisup.workers.registry import FAMILIES, PLANNED_FAMILIES, Family, WorkerInfo
+
+
+@dataclass
+class Probe:
+    ok: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _dirs_state(dirs: list[str]) -> dict[str, str]:
+    out = {}
+    for d in dirs:
+        if os.path.isdir(d):
+            out[d] = "ok" if os.access(d, os.R_OK | os.X_OK) else "not readable"
+        else:
+            out[d] = "missing (watched for creation)"
+    return out
+
+
+def probe_inotify(cfg: Config) -> Probe:
+    limits = {
+        "max_user_watches": _read_int("/proc/sys/fs/inotify/max_user_watches"),
+        "max_user_instances": _read_int("/proc/sys/fs/inotify/max_user_instances"),
+        "max_queued_events": _read_int("/proc/sys/fs/inotify/max_queued_events"),
+    }
+    details: dict[str, Any] = {"limits": limits, "conf_dirs": _dirs_state(cfg.cni.conf_dirs),
+                               "bin_dirs": _dirs_state(cfg.cni.bin_dirs)}
+    if limits["max_user_instances"] is None:
+        return Probe(False, "no inotify on this kernel (/proc/sys/fs/inotify missing)", details)
+    try:
+        INotify().close()
+    except OSError as exc:
+        return Probe(False, f"inotify_init failed: {exc.strerror}", details)
+    needed = len(cfg.cni.conf_dirs) + len(cfg.cni.bin_dirs)
+    if limits["max_user_watches"] is not None and limits["max_user_watches"] < needed:
+        details["warning"] = (f"max_user_watches={limits['max_user_watches']} < {needed} dirs: "
+                              "the rest is polled")
+    return Probe(True, "inotify available", details)
+
+
+def probe_file_poll(cfg: Config) -> Probe:
+    return Probe(True, "stat polling needs nothing",
+                 {"interval_s": cfg.fallback.file_poll_interval})
+
+
+PROBES: dict[str, Callable[[Config], Probe]] = {
+    "inotify": probe_inotify,
+    "file-poll": probe_file_poll,
+}
+
+
+@dataclass
+class Choice:
+    family: str
+    enabled: bool
+    worker: WorkerInfo | None
+    reason: str
+    probes: dict[str, Probe]
+
+
+def choose(cfg: Config, family: Family, *, skip_primary: bool = False) -> Choice:
+    """Which worker runs ``family`` and why."""
+    probes: dict[str, Probe] = {}
+    if not getattr(cfg.monitors, family.name):
+        return Choice(family.name, False, None, f"monitors.{family.name}: false", probes)
+    if not getattr(cfg, family.prefer_key):
+        probes[family.fallback.name] = PROBES[family.fallback.name](cfg)
+        return Choice(family.name, True, family.fallback,
+                      f"{family.prefer_key}: false", probes)
+    primary = probes[family.primary.name] = PROBES[family.primary.name](cfg)
+    probes[family.fallback.name] = PROBES[family.fallback.name](cfg)
+    if primary.ok and not skip_primary:
+        return Choice(family.name, True, family.primary, primary.reason, probes)
+    return Choice(family.name, True, family.fallback,
+                  f"{family.primary.name} unavailable: {primary.reason}", probes)
+
+
+def worker_identity(cfg: Config) -> dict[str, Any]:
+    """Who unprivileged workers will run as."""
+    if os.geteuid() != 0:
+        pw = pwd.getpwuid(os.getuid())
+        return {"user": pw.pw_name, "uid": pw.pw_uid, "gid": os.getgid(), "groups": os.getgroups(),
+                "note": "supervisor is not root: workers keep its user and groups"}
+    try:
+        pw = pwd.getpwnam(cfg.workers.user)
+        note = ""
+    except KeyError:
+        pw = pwd.getpwnam("nobody")
+        note = f"user {cfg.workers.user!r} does not exist: using nobody"
+    return {"user": pw.pw_name, "uid": pw.pw_uid, "gid": pw.pw_gid, "groups": [], "note": note}
+
+
+def check(cfg: Config) -> dict[str, Any]:
+    """Everything ``cnisup check`` reports."""
+    families = []
+    for fam in FAMILIES.values():
+        c = choose(cfg, fam)
+        families.append({
+            "family": fam.name, "enabled": c.enabled,
+            "worker": c.worker.name if c.worker else None, "reason": c.reason,
+            "primary": fam.primary.name, "fallback": fam.fallback.name,
+            "probes": {n: {"ok": p.ok, "reason": p.reason, **p.details} for n, p in c.probes.items()},
+        })
+    for name in PLANNED_FAMILIES:
+        enabled = bool(getattr(cfg.monitors, name))
+        families.append({"family": name, "enabled": enabled, "worker": None,
+                         "reason": "no worker for this family in this version" if enabled
+                         else f"monitors.{name}: false", "probes": {}})
+    return {"node": cfg.node_name, "euid": os.geteuid(), "workers_identity": worker_identity(cfg),
+            "runtime_dir": cfg.runtime_dir, "publish": cfg.publish.endpoints,
+            "control": cfg.control.endpoint, "families": families}

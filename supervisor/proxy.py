@@ -1,0 +1,164 @@
+"""The bus in the middle: workers' XPUB sockets connect to our XSUB (private
+ipc), subscribers connect to our XPUB (public endpoints). The forwarding is
+libzmq's steerable proxy in its own thread, so a slow supervisor loop never
+delays an event; the main thread talks to it only over an inproc PAIR.
+
+The XSUB subscribes to everything, and libzmq replays that subscription to
+every worker that connects: that is the handshake workers wait for before
+they call themselves ready. A subscriber that does not read loses only its
+own messages (XPUB drops per pipe at ``publish.hwm``); it sees that as
+sequence gaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+log = logging.getLogger("cnisup.proxy")
+
+INPROC_BUS = "inproc://cnisup-bus"
+_CONTROL = "inproc://cnisup-proxy-control"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    bus_endpoint: str  #: private ipc XSUB for workers
+    public_endpoints: list[str]
+    hwm: int
+    worker_gid: int | None  #: group that may connect to the private bus (None: ours)
+    curve_secret_file: str = ""
+    curve_authorized_dir: str = ""
+
+
+class ProxyError(RuntimeError):
+    pass
+
+
+def _ipc_path(ep: str) -> str | None:
+    return ep[len("ipc://"):] if ep.startswith("ipc://") else None
+
+
+class Proxy:
+    def __init__(self, settings: ProxySettings, context: zmq.Context[Any]) -> None:
+        self.settings = settings
+        self.ctx = context
+        self._thread = threading.Thread(target=self._run, name="cnisup-proxy", daemon=True)
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._control: zmq.Socket[Any] | None = None
+        self._auth: ThreadAuthenticator | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._control = self.ctx.socket(zmq.PAIR)
+        self._control.bind(_CONTROL)
+        self._thread.start()
+        if not self._bound.wait(timeout_s):
+            raise ProxyError("the proxy did not bind its sockets in time")
+        if self._error is not None:
+            raise ProxyError(str(self._error)) from self._error
+
+    def _bind(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any], zmq.Socket[Any]]:
+        s = self.settings
+        xsub = self.ctx.socket(zmq.XSUB)
+        xpub = self.ctx.socket(zmq.XPUB)
+        control = self.ctx.socket(zmq.PAIR)
+        for sock in (xsub, xpub, control):
+            sock.setsockopt(zmq.LINGER, 0)
+        xsub.setsockopt(zmq.RCVHWM, 0)
+        xpub.setsockopt(zmq.SNDHWM, s.hwm)
+        control.connect(_CONTROL)
+        priv = _ipc_path(s.bus_endpoint)
+        if priv:
+            d = os.path.dirname(priv)
+            os.makedirs(d, mode=0o750, exist_ok=True)
+            os.chmod(d, 0o750)
+            if s.worker_gid is not None:
+                os.chown(d, os.geteuid(), s.worker_gid)
+        xsub.bind(s.bus_endpoint)
+        xsub.bind(INPROC_BUS)
+        if priv:
+            os.chmod(priv, 0o660)
+            if s.worker_gid is not None:
+                os.chown(priv, os.geteuid(), s.worker_gid)
+        xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
+        if s.curve_secret_file:
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=s.curve_authorized_dir)
+            public, secret = zmq.auth.load_certificate(s.curve_secret_file)
+            if secret is None:
+                raise ProxyError(f"{s.curve_secret_file} holds no secret key")
+            xpub.curve_secretkey = secret
+            xpub.curve_publickey = public
+            xpub.curve_server = True
+        for ep in s.public_endpoints:
+            path = _ipc_path(ep)
+            if path:
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            try:
+                xpub.bind(ep)
+            except zmq.ZMQError as exc:
+                raise ProxyError(f"cannot bind {ep}: {exc}") from exc
+            if path:
+                # Members of the workers' group may subscribe; others may not.
+                os.chmod(path, 0o660)
+                if s.worker_gid is not None:
+                    os.chown(path, os.geteuid(), s.worker_gid)
+        return xsub, xpub, control
+
+    def _run(self) -> None:
+        try:
+            xsub, xpub, control = self._bind()
+        except BaseException as exc:
+            self._error = exc
+            self._bound.set()
+            return
+        self._bound.set()
+        try:
+            zmq.proxy_steerable(xsub, xpub, None, control)
+        except zmq.ContextTerminated:
+            pass
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.ETERM, zmq.ENOTSOCK):
+                log.error("proxy stopped: %s", exc)
+        finally:
+            for sock in (xsub, xpub, control):
+                sock.close(linger=0)
+
+    def statistics(self) -> dict[str, int]:
+        """Messages and bytes through the proxy (libzmq's STATISTICS command)."""
+        assert self._control is not None
+        self._control.send(b"STATISTICS")
+        if not self._control.poll(1000):
+            return {}
+        frames = self._control.recv_multipart()
+        # frontend (XSUB) in/out, then backend (XPUB) in/out; counts, then bytes.
+        names = ("from_workers", "from_workers_bytes", "to_workers", "to_workers_bytes",
+                 "from_subscribers", "from_subscribers_bytes", "to_subscribers",
+                 "to_subscribers_bytes")
+        return {n: struct.unpack("=Q", f)[0] for n, f in zip(names, frames, strict=False)}
+
+    def stop(self) -> None:
+        if self._control is not None and self._thread.is_alive():
+            self._control.send(b"TERMINATE")
+            self._thread.join(timeout=5)
+        if self._control is not None:
+            self._control.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        for ep in [self.settings.bus_endpoint, *self.settings.public_endpoints]:
+            path = _ipc_path(ep)
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass

@@ -1,0 +1,2 @@
+"""Monitor workers: one process each, started by the supervisor with
+``python -m cnisup.workers <name>``."""

@@ -1,0 +1,13 @@
+"""Exceptions a worker raises to choose its exit code."""
+
+
+class CapabilityMissing(Exception):
+    """A capability or kernel feature this worker needs is missing (exit 77)."""
+
+
+class WorkerConfigError(Exception):
+    """The configuration cannot work for this worker (exit 78); names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
