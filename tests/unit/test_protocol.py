@@ -58,3 +58,9 @@ def test_gap_detector() -> None:
     gap = g.observe(mk("a", 9))
     assert gap is not None and (gap.expected, gap.got, gap.lost) == (7, 9, 2)
     assert g.observe(mk("b", 1)) is None  # a new incarnation starts its own count
+
+
+def test_every_kind_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    for kind in kinds.KINDS:
+        assert f"| `{kind}` |" in doc, f"{kind} missing from docs/PROTOCOL.md"
