@@ -36,6 +36,19 @@ _CFG = {"path": S, "dir": S, "size": INT, "mtime_ns": INT, "sha256": SHA, "valid
 _BIN = {"path": S, "dir": S, "name": S, "size": INT, "mtime_ns": INT, "sha256": SHA, "executable": B,
         "error": S}
 
+# Kernel family: a CNI run's identity, and what an event caused by a process says.
+_RUN_REQ = ["run_id", "pid", "plugin", "path"]
+_RUN = {"run_id": S, "pid": INT, "ppid": INT, "plugin": S, "path": S,
+        "command": S, "container_id": S,
+        "netns": S, "ifname": S, "cni_args": {"type": "object", "additionalProperties": S},
+        "network": S, "cni_version": S, "type": S, "stdin_error": S, "parent_run": S,
+        "truncated": STRS}
+_BY = {"pid": INT, "comm": S, "run_id": S, "plugin": S, "container_id": S}
+_LINK = {**_BY, "ifindex": INT, "name": S, "kind": S, "peer": S, "peer_netns": S, "target_netns": S,
+         "master": INT, "master_name": S, "mtu": INT, "up": B, "mac": S, "truncated": B}
+_ADDR = {**_BY, "address": S, "prefixlen": INT, "family": {"enum": ["inet", "inet6"]}, "ifindex": INT,
+         "ifname": S, "label": S, "truncated": B}
+
 #: kind -> (one-line meaning, JSON Schema of data)
 KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "supervisor.started": ("the supervisor is up; its sockets are bound", obj(
@@ -92,6 +105,31 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
         ["path", "dir", "name"], {**_BIN, "previous_sha256": SHA})),
     "cni.plugin_binary.deleted": ("a plugin binary is gone", obj(
         ["path", "dir", "name"], {"path": S, "dir": S, "name": S, "previous_sha256": SHA})),
+    "cni.plugin.started": ("a CNI plugin process started (exec of a binary in cni.bin_dirs)",
+                           obj(_RUN_REQ, _RUN)),
+    "cni.plugin.finished": ("a CNI plugin process ended: exit code, duration, parsed stdout", obj(
+        [*_RUN_REQ, "duration_ms"],
+        {**_RUN, "exit_code": INT, "duration_ms": N, "duration_approximate": B, "exit_reason": S,
+         "result": obj([], {"cni_version": S, "supported_versions": STRS,
+                            "interfaces": {"type": "array", "items": obj([], {"name": S, "mac": S, "sandbox": S})},
+                            "ips": {"type": "array", "items": obj(["address"], {
+                                "address": S, "gateway": S, "interface": INT})}}),
+         "error": obj([], {"code": INT, "msg": S, "details": S}),
+         "output_error": S, "stdout": S, "stderr": S})),
+    "netns.created": ("a network namespace was created (unshare/clone, or newly seen)",
+                      obj([], {**_BY, "via": S, "child_pid": INT, "netns": S, "inode": INT, "path": S})),
+    "netns.entered": ("a process joined a network namespace (setns)",
+                      obj(["pid"], {**_BY, "fd": INT, "netns": S, "inode": INT})),
+    "netns.deleted": ("a network namespace is gone (proc-poll only)",
+                      obj([], {"netns": S, "inode": INT, "path": S})),
+    "link.created": ("a network interface was created (requested, or newly seen)", obj([], _LINK)),
+    "link.deleted": ("a network interface was deleted", obj([], _LINK)),
+    "link.changed": ("an interface's settings changed (master, up/down, mtu, name)", obj([], _LINK)),
+    "link.moved": ("an interface was moved to another network namespace", obj([], _LINK)),
+    "addr.added": ("an IP address was added to an interface", obj(
+        ["address", "prefixlen", "family"], _ADDR)),
+    "addr.deleted": ("an IP address was removed from an interface", obj(
+        ["address", "prefixlen", "family"], _ADDR)),
 }
 
 

@@ -1,4 +1,4 @@
-"""The JSON Schema of the envelope (and of each known kind's ``data``)."""
+"""Validate envelopes against the JSON Schema (and list the kinds it knows)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def envelope_schema() -> dict[str, Any]:
     return schema
 
 
+@cache
+def _validator() -> Any:
+    # Built once: jsonschema.validate() re-checks the schema itself on every call.
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(envelope_schema())
+
+
 def known_kinds() -> list[str]:
     """Kinds whose ``data`` the schema describes."""
     return [rule["if"]["properties"]["kind"]["const"] for rule in envelope_schema()["allOf"]]
@@ -24,6 +32,4 @@ def known_kinds() -> list[str]:
 
 def validate(env: dict[str, Any]) -> None:
     """Raise jsonschema.ValidationError when ``env`` breaks the contract."""
-    import jsonschema
-
-    jsonschema.validate(env, envelope_schema(), cls=jsonschema.Draft202012Validator)
+    _validator().validate(env)

@@ -67,9 +67,30 @@ def probe_file_poll(cfg: Config) -> Probe:
                  {"interval_s": cfg.fallback.file_poll_interval})
 
 
+def probe_ebpf(cfg: Config) -> Probe:
+    from cnisup.workers.kernel import features
+
+    host = features.check()
+    details = {**host.details, "bin_dirs": _dirs_state(cfg.cni.bin_dirs)}
+    return Probe(host.ok, host.reason, details)
+
+
+def probe_proc_poll(cfg: Config) -> Probe:
+    details: dict[str, Any] = {"interval_s": cfg.fallback.process_poll_interval,
+                               "bin_dirs": _dirs_state(cfg.cni.bin_dirs)}
+    if not os.path.isdir("/proc/self"):
+        return Probe(False, "/proc is not mounted", details)
+    details["environ"] = ("readable for every process" if os.geteuid() == 0
+                          else "only this user's processes: CNI_* of root's plugin runs are missing")
+    details["misses"] = "runs that start and end between two scans; changes in other network namespaces"
+    return Probe(True, "/proc scanning needs nothing", details)
+
+
 PROBES: dict[str, Callable[[Config], Probe]] = {
     "inotify": probe_inotify,
     "file-poll": probe_file_poll,
+    "ebpf": probe_ebpf,
+    "proc-poll": probe_proc_poll,
 }
 
 

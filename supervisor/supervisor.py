@@ -191,6 +191,7 @@ class Supervisor:
         now = time.monotonic()
         for w in self.watchers.values():
             self._select_and_start(w, now)
+        self._maybe_announce_ready()  # nothing to wait for when every family is off
         try:
             self._loop()
         finally:
@@ -283,7 +284,7 @@ class Supervisor:
         if w.worker is not worker:
             w.worker = worker
         w.reason = reason
-        w.restart_at = None
+        w.restart_at = w.stop_deadline = None
         w.ready, w.sent, w.dropped, w.reported_dropped = False, 0, 0, 0
         w.exit_reason = w.kill_reason = None
         w.info = {}
@@ -361,7 +362,7 @@ class Supervisor:
         assert child is not None and worker is not None
         self._read_status(w)
         code = child.reap()
-        w.child = None
+        w.child, w.stop_deadline = None, None
         sig = signal.Signals(-code).name if code < 0 else None
         exit_code = None if code < 0 else code
         ran_for = now - child.started
@@ -428,9 +429,10 @@ class Supervisor:
         for w in self.watchers.values():
             c = w.child
             if c is not None:
-                if w.stop_deadline is not None and now >= w.stop_deadline and w.kill_reason is None:
-                    w.kill_reason = f"did not stop within {self.cfg.workers.stop_grace:g} s"
-                    c.kill_group()
+                if w.stop_deadline is not None:  # being stopped: only the grace period counts
+                    if now >= w.stop_deadline and w.kill_reason is None:
+                        w.kill_reason = f"did not stop within {self.cfg.workers.stop_grace:g} s"
+                        c.kill_group()
                 elif w.kill_reason is None and not w.ready and \
                         now - c.started > self.cfg.workers.ready_timeout:
                     self._kill(w, f"not ready within {self.cfg.workers.ready_timeout:g} s")

@@ -22,11 +22,11 @@ def _running(c: Cnisup, worker: str = "inotify") -> dict:
 def test_start_ready_and_clean_stop(cnisup: Cnisup) -> None:
     ev = cnisup.subscribe()
     cnisup.start()
-    started = ev.wait("supervisor.worker.started", worker="inotify")
+    # (supervisor.started and worker.started may go out before this subscriber is connected)
     ready = ev.wait("supervisor.worker.ready", worker="inotify")
-    assert ready["data"]["incarnation"] == started["data"]["incarnation"]
     ev.wait("supervisor.ready")
     w = _running(cnisup)
+    assert ready["data"]["incarnation"] == w["incarnation"] and ready["data"]["pid"] == w["pid"]
     pid = w["pid"]
     assert cnisup.stop() == 0
     exited = ev.wait("supervisor.worker.exited", pid=pid)
@@ -66,11 +66,14 @@ def test_crash_loop_backs_off_then_falls_back_then_restores(base: Path) -> None:
     c.start()
     try:
         delays = []
-        for _ in range(3):
-            started = ev.wait("supervisor.worker.started", worker="inotify")
-            ev.wait("supervisor.worker.ready", incarnation=started["data"]["incarnation"])
-            os.kill(started["data"]["pid"], signal.SIGKILL)
-            ev.wait("supervisor.worker.exited", pid=started["data"]["pid"])
+        pid = _running(c)["pid"]
+        for i in range(3):
+            if i:
+                started = ev.wait("supervisor.worker.started", worker="inotify")
+                ev.wait("supervisor.worker.ready", incarnation=started["data"]["incarnation"])
+                pid = started["data"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            ev.wait("supervisor.worker.exited", pid=pid)
             if len(delays) < 2:
                 delays.append(ev.wait("supervisor.worker.restarting", worker="inotify")["data"]["delay_s"])
         assert delays[0] >= 0.3 and delays[1] >= 2 * 0.3 and delays[1] > delays[0]
@@ -231,13 +234,16 @@ def test_sighup_reloads_and_switches_worker(cnisup: Cnisup) -> None:
     cnisup.proc.send_signal(signal.SIGHUP)
     failed = ev.wait("supervisor.config.reload_failed")
     assert "invalid YAML" in failed["data"]["error"]
+    cnisup.write_config()  # so that `cnisup status` itself can read it
     assert cnisup.worker()["worker"] == "file-poll"
     assert cnisup.stop() == 0
 
 
 def test_slow_subscriber_loses_only_its_own_events(base: Path) -> None:
-    n = 3000
-    c = Cnisup(base, publish={"hwm": 50})
+    # publish.hwm is per subscriber: big enough for the fast one's bursts, small
+    # enough that n events overflow what the slow one's queues can hold.
+    n = 4000
+    c = Cnisup(base, publish={"hwm": 1000})
     fast = c.subscribe()
     slow = c.subscribe(rcvhwm=10)  # never reads until the end
     c.start()
@@ -256,7 +262,10 @@ def test_slow_subscriber_loses_only_its_own_events(base: Path) -> None:
         assert not [e for e in fast.seen if e["kind"] in ("supervisor.worker.unresponsive", "supervisor.loss")]
         assert c.worker()["pid"] == w["pid"] and c.worker()["events_dropped"] == 0
         slow.allow_gaps = True
-        slow.drain(0.5)
+        slow.drain(0.5)  # what its queues held
+        late = c.conf_dir / "zz-late.conf"
+        late.write_text('{"name":"late","type":"bridge"}')  # the next event reveals the hole
+        slow.wait("cni.config.created", path=str(late))
         lost = sum(b - a - 1 for _, a, b in slow.gaps)
         created = [e for e in slow.seen if e["kind"] == "cni.config.created"]
         assert lost > 0 and len(created) < n  # it lost, and it can tell by the holes

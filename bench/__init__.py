@@ -1,0 +1,1 @@
+"""The cnisup benchmark: primary vs fallback workers, side by side, in one run."""
