@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,35 @@ from .common import Instance, Listener, cpu_seconds, percentile, row, world_dir
 CONF = {"cniVersion": "1.0.0", "name": "bench", "plugins": [{"type": "bridge"}, {"type": "portmap"}]}
 OPS = ("create", "replace", "touch", "delete")
 EXPECT = {"create": "cni.config.created", "replace": "cni.config.modified", "delete": "cni.config.deleted"}
+
+
+def ops_plan(per_op: int) -> list[tuple[str, int]]:
+    return [(op, i) for i in range(per_op) for op in OPS]
+
+
+class _Collector(threading.Thread):
+    """Receives while the workload runs, so arrival times are real."""
+
+    def __init__(self, listener: Listener, expected: int) -> None:
+        super().__init__(daemon=True)
+        self.listener, self.expected = listener, expected
+        self.got: list[tuple[float, dict[str, Any]]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        quiet_after_done = 0.0
+        seen = 0
+        while True:
+            got = self.listener.recv(0.5)
+            if got is not None:
+                self.got.append(got)
+                if got[1]["kind"] in EXPECT.values():
+                    seen += 1
+                continue
+            if self.done.is_set():
+                quiet_after_done += 0.5
+                if seen >= self.expected and quiet_after_done >= 1.5:
+                    return
 
 
 def _strace_count(pid: int, seconds: float) -> int | None:
@@ -33,8 +62,12 @@ def _strace_count(pid: int, seconds: float) -> int | None:
     p.wait(10)
     text = out.read_text() if out.exists() else ""
     out.unlink(missing_ok=True)
-    m = re.search(r"^\S+\s+\S+\s+\S+\s+\S+\s+(\d+)\s+(?:\d+\s+)?total$", text, re.M)
-    return int(m.group(1)) if m else None
+    # "100.00  0.000157  0  204  [errors]  total": calls is the fourth column.
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[-1] == "total" and len(fields) >= 5:
+            return int(fields[3])
+    return None
 
 
 def _one(worker: str, *, changes: int, interval_s: float, idle_s: float) -> dict[str, Any]:
@@ -66,8 +99,10 @@ def _one(worker: str, *, changes: int, interval_s: float, idle_s: float) -> dict
         cpu0 = cpu_seconds(pid)
         syscalls = _strace_count(pid, idle_s)
         idle_cpu = cpu_seconds(pid) - cpu0
+        collector = _Collector(listener, expected=len([op for op, _ in ops_plan(per_op) if op in EXPECT]))
+        collector.start()
         # The workload: distinct files per operation so polling cannot merge them.
-        plan = [(op, i) for i in range(per_op) for op in OPS]
+        plan = ops_plan(per_op)
         gap = interval_s / max(1, len(plan))
         sent: dict[tuple[str, str], float] = {}
         for op, i in plan:
@@ -88,18 +123,13 @@ def _one(worker: str, *, changes: int, interval_s: float, idle_s: float) -> dict
             if op in EXPECT:
                 sent[(EXPECT[op], str(path))] = time.time()
             time.sleep(gap)
+        collector.done.set()
+        collector.join(2 * interval_s + 15)
         latencies: list[float] = []
         counts: dict[str, int] = {}
         unexpected = 0
-        deadline = time.monotonic() + 2 * interval_s + 10
         pending = dict(sent)
-        while time.monotonic() < deadline:
-            got = listener.recv(0.5 if pending else 1.5)
-            if got is None:
-                if not pending:
-                    break
-                continue
-            at, env = got
+        for at, env in collector.got:
             if not env["kind"].startswith("cni.config."):
                 continue
             counts[env["kind"]] = counts.get(env["kind"], 0) + 1

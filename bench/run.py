@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         r, d = COMPARISONS[name](args.quick)
         rows += r
         details[name] = d
-    results = {"machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    results = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "quick": args.quick, "duration_s": time.monotonic() - t0, "comparisons": rows}
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     docs = Path(args.docs)

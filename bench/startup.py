@@ -21,7 +21,7 @@ def _once(use_inotify: bool) -> dict[str, float]:
     t0 = time.time()
     inst.start()
     try:
-        at, env = listener.until(lambda e: e["kind"] == "supervisor.ready", 30)
+        at, _ = listener.until(lambda e: e["kind"] == "supervisor.ready", 30)
         worker_ready = next(w for w in inst.status()["workers"] if w["family"] == "config")
         return {"to_ready_s": at - t0, "worker_uptime_s": worker_ready.get("uptime_s") or 0.0}
     finally:
