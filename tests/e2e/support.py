@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -21,6 +22,14 @@ import zmq
 from cnisup.protocol import validation
 
 CNISUP = str(Path(sys.executable).with_name("cnisup"))
+
+
+def worker_user() -> pwd.struct_passwd:
+    """Who unprivileged workers run as: workers.user (cnisup) if it exists, else nobody."""
+    try:
+        return pwd.getpwnam("cnisup")
+    except KeyError:
+        return pwd.getpwnam("nobody")
 
 
 def world_dir(prefix: str = "cnisup-test-") -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from cnisup.workers import privileges
 
 from .conftest import requires_root
-from .support import CNISUP, Cnisup, children_of, pid_alive, proc_state
+from .support import CNISUP, Cnisup, children_of, pid_alive, proc_state, worker_user
 
 
 def _running(c: Cnisup, worker: str = "inotify") -> dict:
@@ -157,8 +157,7 @@ def test_unprivileged_worker_credentials(cnisup: Cnisup) -> None:
     cnisup.start()
     pid = _running(cnisup)["pid"]
     st = privileges.read_status(pid)
-    import pwd
-    nobody = pwd.getpwnam("nobody")
+    nobody = worker_user()
     assert st["Uid"].split() == [str(nobody.pw_uid)] * 4
     assert st["Gid"].split() == [str(nobody.pw_gid)] * 4
     assert st["Groups"] == ""
@@ -188,9 +187,8 @@ def test_use_inotify_false_runs_file_poll_and_says_why(base: Path) -> None:
 @requires_root
 def test_missing_inotify_means_fallback_with_reason(base: Path) -> None:
     """Exit 77 from the primary: the fallback starts at once, the reason is published."""
-    import pwd
-    nobody = pwd.getpwnam("nobody")
-    # Use up nobody's inotify instances from a process running as nobody.
+    nobody = worker_user()
+    # Use up the workers' user's inotify instances from a process running as that user.
     hog = subprocess.Popen(
         ["python3", "-c", "import ctypes,sys,time\nl=ctypes.CDLL(None)\n"
          "n=0\nwhile l.inotify_init()>=0: n+=1\nprint(n,flush=True)\ntime.sleep(60)"],
