@@ -132,7 +132,35 @@ def worker_identity(cfg: Config) -> dict[str, Any]:
     except KeyError:
         pw = pwd.getpwnam("nobody")
         note = f"user {cfg.workers.user!r} does not exist: using nobody"
+    blocked = unreachable_for(pw.pw_uid, pw.pw_gid)
+    if blocked:
+        note = "; ".join(filter(None, [note, f"{pw.pw_name} cannot reach {blocked}: its workers will fail "
+                                              "to start (install cnisup where that user can read it)"]))
     return {"user": pw.pw_name, "uid": pw.pw_uid, "gid": pw.pw_gid, "groups": [], "note": note}
+
+
+def unreachable_for(uid: int, gid: int) -> str | None:
+    """The first directory on the way to our code or interpreter that ``uid``
+    cannot traverse (mode bits only), e.g. a checkout under /root."""
+    import sys
+
+    import cnisup.workers
+
+    for start in (*cnisup.workers.__path__, os.path.dirname(sys.executable)):
+        path = os.path.realpath(start)
+        while True:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return path
+            bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+            if not st.st_mode & bit:
+                return path
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+    return None
 
 
 def check(cfg: Config) -> dict[str, Any]:
