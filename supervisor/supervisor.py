@@ -346,15 +346,22 @@ class Supervisor:
         elif kind == "exit":
             w.exit_reason = str(msg.get("reason", ""))
 
-    def _maybe_announce_ready(self) -> None:
+    def _maybe_announce_ready(self, *, deadline_passed: bool = False) -> None:
+        """Once every enabled family's worker is ready (or failed for good), or
+        ready_timeout after start in any case, so a crash-looping worker cannot
+        keep systemd waiting: which families lag is in ``degraded``."""
         if self.announced_ready:
             return
         active = [w for w in self.watchers.values() if w.state not in (DISABLED, FAILED, UNAVAILABLE)]
-        if all(w.ready for w in active):
-            self.announced_ready = True
-            self.publish("supervisor.ready", workers={w.family.name: w.worker.name
-                                                      for w in active if w.worker})
-            sd_notify("READY=1")
+        lagging = [w.family.name for w in active if not w.ready]
+        if lagging and not deadline_passed:
+            return
+        self.announced_ready = True
+        self.publish("supervisor.ready", workers={w.family.name: w.worker.name
+                                                  for w in active if w.worker and w.ready},
+                     degraded=lagging + [w.family.name for w in self.watchers.values()
+                                         if w.state in (FAILED, UNAVAILABLE)])
+        sd_notify("READY=1")
 
     # -- exits and the policy ---------------------------------------------------
     def _on_exit(self, w: Watcher, now: float) -> None:
@@ -425,6 +432,8 @@ class Supervisor:
         if self._wd_interval and now - self._wd_last >= self._wd_interval:
             self._wd_last = now
             sd_notify("WATCHDOG=1")
+        if not self.announced_ready and now - self.started > self.cfg.workers.ready_timeout:
+            self._maybe_announce_ready(deadline_passed=True)
         hb_timeout = self.cfg.workers.heartbeat_timeout
         for w in self.watchers.values():
             c = w.child
