@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config_example.yaml
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench deb clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,10 @@ test: setup
 bench: setup
 	$(PY) -m bench.run $(if $(QUICK),--quick,)
 
+# dist/cnisup_<version>_<arch>.deb; installs its own build dependencies (root). See packaging/deb/README.md.
+deb:
+	@bash packaging/deb/build.sh
+
 lint: setup
 	$(VENV)/bin/ruff check protocol supervisor workers tests bench
 	@# mypy cannot follow the editable install's import hook: give it a tree named like the package.
@@ -25,4 +29,4 @@ lint: setup
 	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p cnisup
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

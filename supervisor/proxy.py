@@ -34,7 +34,10 @@ class ProxySettings:
     bus_endpoint: str  #: private ipc XSUB for workers
     public_endpoints: list[str]
     hwm: int
-    worker_gid: int | None  #: group that may connect to the private bus (None: ours)
+    worker_gid: int | None  #: group that may subscribe on ipc endpoints (None: ours)
+    #: the only user besides root that may reach the private bus (None: ours). Not
+    #: the group: subscribers are in the workers' group and must not inject events.
+    worker_uid: int | None = None
     curve_secret_file: str = ""
     curve_authorized_dir: str = ""
 
@@ -79,16 +82,16 @@ class Proxy:
         priv = _ipc_path(s.bus_endpoint)
         if priv:
             d = os.path.dirname(priv)
-            os.makedirs(d, mode=0o750, exist_ok=True)
-            os.chmod(d, 0o750)
-            if s.worker_gid is not None:
-                os.chown(d, os.geteuid(), s.worker_gid)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
+            if s.worker_uid is not None:
+                os.chown(d, s.worker_uid, -1)
         xsub.bind(s.bus_endpoint)
         xsub.bind(INPROC_BUS)
         if priv:
-            os.chmod(priv, 0o660)
-            if s.worker_gid is not None:
-                os.chown(priv, os.geteuid(), s.worker_gid)
+            os.chmod(priv, 0o600)
+            if s.worker_uid is not None:
+                os.chown(priv, s.worker_uid, -1)
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
         if s.curve_secret_file:
             self._auth = ThreadAuthenticator(self.ctx)

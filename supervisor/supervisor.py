@@ -153,6 +153,7 @@ class Supervisor:
         self.proxy = Proxy(ProxySettings(
             bus_endpoint=self.cfg.bus_endpoint, public_endpoints=self.cfg.publish.endpoints,
             hwm=self.cfg.publish.hwm, worker_gid=gid,
+            worker_uid=self.identity.uid if os.geteuid() == 0 else None,
             curve_secret_file=curve.server_secret_key_file,
             curve_authorized_dir=curve.authorized_keys_dir), self.ctx)
         try:
