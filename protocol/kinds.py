@@ -49,13 +49,35 @@ _LINK = {**_BY, "ifindex": INT, "name": S, "kind": S, "peer": S, "peer_netns": S
 _ADDR = {**_BY, "address": S, "prefixlen": INT, "family": {"enum": ["inet", "inet6"]}, "ifindex": INT,
          "ifname": S, "label": S, "truncated": B}
 
+# k8s family: slim projections of the objects (workers/k8s/events.py).
+_CNI = {"cni_plugin": S, "cni_plugins": STRS}
+_POD_REQ = ["namespace", "name", "uid", "node", "ips", "host_network"]
+_POD = {"namespace": S, "name": S, "uid": S, "node": S, "ips": STRS, "host_network": B, **_CNI, "initial": B}
+_PORT = obj(["protocol", "port"], {"name": S, "protocol": S, "port": INT,
+                                   "target_port": {"type": ["integer", "string"]}, "node_port": INT})
+_SVC_REQ = ["namespace", "name", "type", "cluster_ips", "external_ips", "load_balancer_ingress", "ports"]
+_SVC = {"namespace": S, "name": S, "type": S, "cluster_ips": STRS, "external_ips": STRS,
+        "load_balancer_ingress": STRS, "ports": {"type": "array", "items": _PORT}, "initial": B, "changed": STRS}
+_EPS_REQ = ["namespace", "name", "service", "address_type", "endpoints"]
+_EPS = {"namespace": S, "name": S, "service": S, "address_type": S, "api": S, "initial": B, "changed": STRS,
+        "endpoints": {"type": "array", "items": obj(["addresses", "ready"],
+                                                    {"addresses": STRS, "ready": B, "node": S})}}
+_NP_REQ = ["namespace", "name", "pod_selector", "policy_types"]
+_NP = {"namespace": S, "name": S, "pod_selector": {"type": "object"}, "policy_types": STRS,
+       "ingress_rules": INT, "egress_rules": INT, "rules_sha256": S, "initial": B, "changed": STRS}
+_NODE = {"name": S, "pod_cidrs": STRS, "addresses": {"type": "array", "items": obj(["type", "address"], {
+             "type": S, "address": S})},
+         "conditions": {"type": "object", "additionalProperties": S}, **_CNI,
+         "changed": STRS, "initial": B, "deleted": B}
+
 #: kind -> (one-line meaning, JSON Schema of data)
 KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "supervisor.started": ("the supervisor is up; its sockets are bound", obj(
         ["pid", "version", "endpoints"],
         {"pid": INT, "version": S, "config_path": NS, "preset": S, "endpoints": STRS})),
-    "supervisor.ready": ("every enabled family's worker reported ready once", obj(
-        ["workers"], {"workers": {"type": "object", "additionalProperties": S}})),
+    "supervisor.ready": ("every enabled family's worker reported ready once (or ready_timeout passed)", obj(
+        ["workers", "degraded"], {"workers": {"type": "object", "additionalProperties": S},
+                                  "degraded": STRS})),
     "supervisor.stopping": ("a stop was asked; workers get SIGTERM", obj(["reason"], {"reason": S})),
     "supervisor.stopped": ("last event of a supervisor incarnation", obj(["uptime_s"], {"uptime_s": N})),
     "supervisor.worker.started": ("a worker process was started: a new incarnation begins", obj(
@@ -89,7 +111,7 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
         ["key", "error"], {"key": S, "error": S})),
     "monitor.warning": ("a worker survived a problem (limits, overflow, unreadable input)", obj(
         ["family", "worker", "code", "message"],
-        {"family": S, "worker": S, "code": S, "message": S, "path": S})),
+        {"family": S, "worker": S, "code": S, "message": S, "path": S, "resource": S})),
     "cni.config.discovered": ("a CNI config file present when the worker started",
                               obj(["path", "dir", "valid"], _CFG)),
     "cni.config.created": ("a new CNI config file", obj(["path", "dir", "valid"], _CFG)),
@@ -130,6 +152,23 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
         ["address", "prefixlen", "family"], _ADDR)),
     "addr.deleted": ("an IP address was removed from an interface", obj(
         ["address", "prefixlen", "family"], _ADDR)),
+    "k8s.pod.ip_allocated": ("a pod (of this node) got its first IPs", obj(_POD_REQ, _POD)),
+    "k8s.pod.ip_changed": ("a pod's IPs changed", obj([*_POD_REQ, "previous_ips"],
+                                                      {**_POD, "previous_ips": STRS})),
+    "k8s.pod.ip_released": ("a pod's IPs are gone: pod deleted, finished, or IPs removed", obj(
+        [*_POD_REQ, "reason"], {**_POD, "reason": {"enum": ["deleted", "released"]}})),
+    "k8s.service.added": ("a Service appeared", obj(_SVC_REQ, _SVC)),
+    "k8s.service.modified": ("a Service's type, IPs or ports changed", obj([*_SVC_REQ, "changed"], _SVC)),
+    "k8s.service.deleted": ("a Service is gone", obj(_SVC_REQ, _SVC)),
+    "k8s.endpointslice.added": ("an EndpointSlice appeared", obj(_EPS_REQ, _EPS)),
+    "k8s.endpointslice.modified": ("an EndpointSlice's endpoints changed", obj([*_EPS_REQ, "changed"], _EPS)),
+    "k8s.endpointslice.deleted": ("an EndpointSlice is gone", obj(_EPS_REQ, _EPS)),
+    "k8s.networkpolicy.added": ("a NetworkPolicy appeared", obj(_NP_REQ, _NP)),
+    "k8s.networkpolicy.modified": ("a NetworkPolicy's selector, types or rules changed", obj(
+        [*_NP_REQ, "changed"], _NP)),
+    "k8s.networkpolicy.deleted": ("a NetworkPolicy is gone", obj(_NP_REQ, _NP)),
+    "k8s.node.network_changed": ("a node's pod CIDRs, addresses, network conditions or CNI changed", obj(
+        ["name", "pod_cidrs", "addresses", "conditions"], _NODE)),
 }
 
 

@@ -124,6 +124,9 @@ class Kubernetes:
     kubeconfig: str = _doc("Kubeconfig file; empty: in-cluster, then $KUBECONFIG, then ~/.kube/config",
                            default="")
     pod_scope: str = _doc("node: only pods of this node; cluster: all pods", default="node")
+    read_timeout: float = _doc(
+        "Seconds without a byte on a watch (servers send bookmarks about every 60 s) before the "
+        "connection counts as dead and is reopened", default=90.0)
 
 
 @dataclass
@@ -287,6 +290,7 @@ def _validate(cfg: Config) -> None:
         "restart.flap_window": cfg.restart.flap_window,
         "fallback.process_poll_interval": cfg.fallback.process_poll_interval,
         "fallback.file_poll_interval": cfg.fallback.file_poll_interval,
+        "kubernetes.read_timeout": cfg.kubernetes.read_timeout,
     }
     for key, value in positive.items():
         if value <= 0:

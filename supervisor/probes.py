@@ -4,6 +4,7 @@ only look: they change nothing on the host."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 from collections.abc import Callable
@@ -86,11 +87,75 @@ def probe_proc_poll(cfg: Config) -> Probe:
     return Probe(True, "/proc scanning needs nothing", details)
 
 
+def _k8s_access(cfg: Config, details: dict[str, Any]) -> str | None:
+    """Where the k8s workers' client configuration comes from; the reason if nowhere."""
+    from cnisup.workers.errors import CapabilityMissing
+    from cnisup.workers.k8s import events
+
+    details["pod_scope"] = cfg.kubernetes.pod_scope
+    details["in_cluster_env"] = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    # As the worker will look: with the environment spawn passes and the workers user's home.
+    env = {k: v for k, v in os.environ.items() if k in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST",
+                                                        "KUBERNETES_SERVICE_PORT")}
+    try:
+        env["HOME"] = pwd.getpwnam(worker_identity(cfg)["user"]).pw_dir
+    except KeyError:
+        pass
+    try:
+        access = events.locate(cfg.kubernetes.kubeconfig, env)
+    except CapabilityMissing as exc:
+        return str(exc)
+    details["client_config"] = {"mode": access.mode, "path": access.path, "from": access.origin}
+    if access.mode == "kubeconfig" and os.geteuid() == 0 and not os.stat(access.path).st_mode & 0o004:
+        details["warning"] = f"{access.path} is not world-readable: the workers user may not read it"
+    return None
+
+
+def probe_k8s_informer(cfg: Config) -> Probe:
+    import importlib.util
+
+    details: dict[str, Any] = {}
+    if importlib.util.find_spec("kubernetes") is None:
+        return Probe(False, "the kubernetes Python client is not installed (python3-kubernetes)", details)
+    missing = _k8s_access(cfg, details)
+    if missing:
+        return Probe(False, missing, details)
+    return Probe(True, f"kubernetes client; config from {details['client_config']['from']}", details)
+
+
+#: Seconds ``kubectl version --client`` may take in ``cnisup check``.
+KUBECTL_VERSION_TIMEOUT_S = 5.0
+
+
+def probe_kubectl(cfg: Config) -> Probe:
+    import shutil
+    import subprocess
+
+    details: dict[str, Any] = {}
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return Probe(False, "kubectl not found in PATH", details)
+    details["kubectl"] = kubectl
+    try:
+        out = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True,
+                             timeout=KUBECTL_VERSION_TIMEOUT_S, check=False)
+        details["version"] = json.loads(out.stdout)["clientVersion"]["gitVersion"]
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+        details["version_error"] = str(exc)
+    missing = _k8s_access(cfg, details)
+    if missing:
+        return Probe(False, missing, details)
+    return Probe(True, f"kubectl {details.get('version', '?')}; config from {details['client_config']['from']}",
+                 details)
+
+
 PROBES: dict[str, Callable[[Config], Probe]] = {
     "inotify": probe_inotify,
     "file-poll": probe_file_poll,
     "ebpf": probe_ebpf,
     "proc-poll": probe_proc_poll,
+    "k8s-informer": probe_k8s_informer,
+    "kubectl": probe_kubectl,
 }
 
 

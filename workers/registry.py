@@ -41,11 +41,29 @@ FAMILIES: dict[str, Family] = {
                             "cnisup.workers.config.filepoll:FilePollWorker"),
         prefer_key="use_inotify",
     ),
+    "kernel": Family(
+        name="kernel",
+        primary=WorkerInfo("ebpf", "kernel", "primary", True,
+                           "cnisup.workers.kernel.ebpf:EbpfWorker"),
+        # Privileged too: /proc/<pid>/environ of plugins run by root (the
+        # runtime's CNI_* variables) is readable only with root's ptrace access.
+        fallback=WorkerInfo("proc-poll", "kernel", "fallback", True,
+                            "cnisup.workers.kernel.procpoll:ProcPollWorker"),
+        prefer_key="use_ebpf",
+    ),
+    "k8s": Family(
+        name="k8s",
+        primary=WorkerInfo("k8s-informer", "k8s", "primary", False,
+                           "cnisup.workers.k8s.informer:K8sInformerWorker"),
+        fallback=WorkerInfo("kubectl", "k8s", "fallback", False,
+                            "cnisup.workers.k8s.kubectl:KubectlWorker"),
+        prefer_key="use_k8s_informer",
+    ),
 }
 
 #: Families named in the configuration contract whose workers this version
 #: does not ship yet; the supervisor says so instead of failing.
-PLANNED_FAMILIES = ("kernel", "k8s")
+PLANNED_FAMILIES: tuple[str, ...] = ()
 
 WORKERS: dict[str, WorkerInfo] = {
     w.name: w for f in FAMILIES.values() for w in (f.primary, f.fallback)

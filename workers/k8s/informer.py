@@ -1,0 +1,416 @@
+"""k8s family, primary worker: list + watch with the ``kubernetes`` client.
+
+One thread per resource runs an informer in four small layers (as kopf's
+``watching``): reconnect forever with backoff → list (paginated) unless a
+resourceVersion is known → one watch request with bookmarks, a randomised
+server ``timeoutSeconds`` and a client read timeout → parse lines. 410 Gone
+(HTTP or an ERROR event) forgets the resourceVersion, so the next round
+relists and ``Tracker.replace`` emits exactly what was missed. Any other
+error or end of stream reconnects from the newest resourceVersion seen
+(bookmarks included), without a relist.
+
+Responses are read raw (``_preload_content=False``) and parsed with ``json``:
+the generated models are slow, strict about fields a server may omit, and
+much larger than the slim projections ``events`` caches.
+
+Threads never touch the bus: they hand events to the main loop through a
+queue and a wake-up pipe; the main loop publishes, heartbeats and watches the
+stop fd, so it never blocks on the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import queue
+import random
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import tenacity
+import urllib3
+from kubernetes import client as kclient
+from kubernetes import config as kconfig
+
+from cnisup.workers.base import Worker, WorkerContext
+from cnisup.workers.errors import CapabilityMissing, WorkerConfigError
+from cnisup.workers.k8s import events
+from cnisup.workers.k8s.events import Access, Resource, Settings, Tracker
+
+log = logging.getLogger("cnisup.k8s-informer")
+
+#: Seconds to open a TCP connection to the API server.
+CONNECT_TIMEOUT_S = 10.0
+#: Seconds a list page may take to arrive; a page is at most LIST_PAGE_SIZE objects.
+LIST_READ_TIMEOUT_S = 60.0
+#: Objects per list page: 5,000 pods are 10 requests of bounded size each.
+LIST_PAGE_SIZE = 500
+#: Server-side watch duration is drawn from [WATCH_TIMEOUT_S, 2 * WATCH_TIMEOUT_S]
+#: (as client-go does), so many nodes' watches do not all reconnect at once.
+WATCH_TIMEOUT_S = 300
+#: Reconnect backoff: first delay, cap and jitter (seconds); exponential in between.
+BACKOFF_INITIAL_S = 0.25
+BACKOFF_MAX_S = 30.0
+BACKOFF_JITTER_S = 0.5
+#: A watch connection up this long (seconds) worked, however it ended.
+HEALTHY_WATCH_S = 10.0
+#: A watch line longer than this is not an event we can hold: treated as garbage.
+MAX_LINE_BYTES = 64 << 20
+
+_BACKOFF = (tenacity.wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
+            + tenacity.wait_random(0, BACKOFF_JITTER_S))
+
+
+def backoff_s(attempt: int) -> float:
+    """Delay before reconnect number ``attempt`` (1-based) of an error streak."""
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    return float(_BACKOFF(state))
+
+
+def user_agent() -> str:
+    try:
+        version = importlib.metadata.version("cnisup")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0+unknown"
+    return f"cnisup/{version} (k8s-informer)"
+
+
+class Gone(Exception):
+    """410: the resourceVersion is too old; relist."""
+
+
+class BadResponse(Exception):
+    """The server sent something that is not the protocol (invalid or truncated JSON)."""
+
+
+class Problem(Exception):
+    """A failed round, with the monitor.warning code to report it under."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status  #: the HTTP status, when the server answered
+
+
+def client_configuration(access: Access) -> kclient.Configuration:
+    conf = kclient.Configuration()
+    try:
+        if access.mode == "in-cluster":
+            kconfig.load_incluster_config(client_configuration=conf)
+        else:
+            kconfig.load_kube_config(config_file=access.path, client_configuration=conf, persist_config=False)
+    except PermissionError as exc:
+        raise CapabilityMissing(f"{access.path} ({access.origin}): {exc.strerror}") from exc
+    except (kconfig.ConfigException, OSError, ValueError, TypeError) as exc:
+        raise WorkerConfigError("kubernetes.kubeconfig", f"{access.path} ({access.origin}): {exc}") from exc
+    conf.connection_pool_maxsize = 2  # one long watch plus a list or discovery at a time
+    return conf
+
+
+class Outbox:
+    """Thread → main loop: events and warnings, plus a pipe that wakes ``select``."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue[tuple[str, str, dict[str, Any]]] = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def put(self, what: str, kind: str, data: dict[str, Any]) -> None:
+        self.q.put((what, kind, data))
+        with contextlib.suppress(BlockingIOError):  # full pipe: a wake-up is pending anyway
+            os.write(self.wake_w, b"\0")
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        self.put("event", kind, data)
+
+    def warn(self, code: str, message: str, **fields: Any) -> None:
+        self.put("warn", code, {"message": message, **fields})
+
+    def drain(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_r, 4096):
+                pass
+        while True:
+            try:
+                yield self.q.get_nowait()
+            except queue.Empty:
+                return
+
+
+class Informer:
+    """List + watch of one resource, in its own thread."""
+
+    def __init__(self, *, conf: kclient.Configuration, resource: Resource, settings: Settings,
+                 out: Outbox, stop: threading.Event, discover_endpointslices: bool = False) -> None:
+        self.api = kclient.ApiClient(conf)
+        self.api.user_agent = user_agent()
+        self.resource = resource
+        self.settings = settings
+        self.out = out
+        self.stop = stop
+        self.discover = discover_endpointslices
+        self.tracker = Tracker(resource, out.event)
+        self.rv: str | None = None
+        self.state = "starting"
+        self.lists = 0
+        self.watches = 0
+        self.problem: str | None = None  #: code of the current error streak, reported once
+        self.round_lines = 0  #: lines the current round's watch delivered
+        self.round_connected = 0.0  #: when its watch connected (monotonic), 0 if it did not
+
+    @property
+    def field_selector(self) -> str:
+        return self.settings.pod_field_selector if self.resource is events.PODS else ""
+
+    def info(self) -> dict[str, Any]:
+        return {"state": self.state, "resource_version": self.rv, "cached": len(self.tracker.cache),
+                "lists": self.lists, "watches": self.watches,
+                "api": f"{self.resource.group or 'core'}/{self.resource.version}"}
+
+    # -- layer 1: reconnect forever ---------------------------------------------------------
+    def run(self) -> None:
+        attempt = gone = 0
+        while not self.stop.is_set():
+            self.round_lines, self.round_connected = 0, 0.0
+            problem: Problem | None = None
+            try:
+                if self.discover:
+                    self._discover()
+                self._round()
+            except Gone as exc:
+                log.info("%s: %s; relisting", self.resource.plural, exc)
+                self.rv = None
+                gone += 1
+                if gone == 1:
+                    continue  # relist at once; a 410 on every try backs off below
+                problem = Problem("k8s_gone", f"{exc} ({gone} times in a row)")
+            except Problem as exc:
+                problem = exc
+            except Exception as exc:  # a bug or an unforeseen client error: never kill the thread
+                log.exception("%s: unexpected error", self.resource.plural)
+                problem = Problem("k8s_error", f"{type(exc).__name__}: {exc}")
+            # A watch that delivered lines or stayed up a while worked: whatever ended
+            # it starts a new streak (first backoff step, a new warning if it fails).
+            ran = time.monotonic() - self.round_connected if self.round_connected else 0.0
+            if self.round_lines or ran >= HEALTHY_WATCH_S:
+                attempt = gone = 0
+                self._recovered()
+                if problem is None:
+                    continue  # the server ended a stream that worked: reconnect at once
+            if problem is None:
+                problem = Problem("k8s_watch_closed", "the watch stream closed at once, without a line")
+            attempt += 1
+            delay = backoff_s(attempt)
+            self.state = f"backoff ({problem.code})"
+            self._report(problem, delay)
+            self.stop.wait(delay)
+
+    def _report(self, problem: Problem, delay: float) -> None:
+        log.warning("%s: %s: %s; retry in %.2f s", self.resource.plural, problem.code, problem, delay)
+        if problem.code != self.problem:  # once per streak, not once per retry
+            self.problem = problem.code
+            self.out.warn(problem.code, f"{self.resource.plural}: {problem}", resource=self.resource.plural)
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.info("%s: working again", self.resource.plural)
+            self.problem = None
+
+    # -- requests -----------------------------------------------------------------------------
+    def _get(self, path: str, params: list[tuple[str, str]], read_timeout_s: float) -> urllib3.HTTPResponse:
+        try:
+            resp: urllib3.HTTPResponse = self.api.call_api(
+                path, "GET", query_params=params, header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                _request_timeout=(CONNECT_TIMEOUT_S, read_timeout_s))
+        except kclient.ApiException as exc:
+            raise self._api_error(exc) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise Problem("k8s_connection", f"GET {path}: {exc}") from exc
+        return resp
+
+    def _api_error(self, exc: kclient.ApiException) -> Exception:
+        message = exc.reason or ""
+        with contextlib.suppress(ValueError, TypeError):
+            message = json.loads(exc.body).get("message") or message
+        if exc.status == 410:
+            return Gone(f"410 Gone: {message}")
+        code = "k8s_forbidden" if exc.status in (401, 403) else "k8s_api_error"
+        return Problem(code, f"{exc.status} {exc.reason}: {message}", exc.status)
+
+    def _read_json(self, resp: urllib3.HTTPResponse, what: str) -> dict[str, Any]:
+        try:
+            data = json.loads(resp.data)
+        except urllib3.exceptions.HTTPError as exc:
+            raise Problem("k8s_connection", f"{what}: {exc}") from exc
+        except ValueError as exc:
+            raise Problem("k8s_bad_response", f"{what}: not JSON ({exc})") from exc
+        finally:
+            resp.release_conn()
+        if not isinstance(data, dict):
+            raise Problem("k8s_bad_response", f"{what}: not a JSON object")
+        return data
+
+    def _discover(self) -> None:
+        """EndpointSlices where the server has them, else core/v1 Endpoints."""
+        path = "/apis/discovery.k8s.io/v1"
+        try:
+            found = self._read_json(self._get(path, [], LIST_READ_TIMEOUT_S), path)
+            has = any(r.get("name") == "endpointslices" for r in found.get("resources") or [])
+        except Problem as exc:
+            if exc.status != 404:
+                raise
+            has = False
+        self.resource = events.ENDPOINTSLICES if has else events.ENDPOINTS
+        self.tracker.resource = self.resource
+        self.discover = False
+        if not has:
+            log.info("the server has no discovery.k8s.io/v1 EndpointSlices: watching core/v1 Endpoints")
+
+    # -- layer 2: list, then watch ---------------------------------------------------------------
+    def _round(self) -> None:
+        if self.rv is None:
+            self._list()
+        self._watch()
+
+    def _list(self) -> None:
+        self.state = "listing"
+        self.lists += 1
+        pages = self._pages()
+        self.tracker.replace(obj for page in pages for obj in page)
+
+    def _pages(self) -> Iterator[list[dict[str, Any]]]:
+        """Pages of one consistent listing; sets ``self.rv`` to the listing's resourceVersion."""
+        token = ""
+        rv = None
+        while True:
+            params = [("limit", str(LIST_PAGE_SIZE))]
+            if self.field_selector:
+                params.append(("fieldSelector", self.field_selector))
+            if token:
+                params.append(("continue", token))
+            page = self._read_json(self._get(self.resource.path, params, LIST_READ_TIMEOUT_S),
+                                   f"list {self.resource.plural}")
+            meta = page.get("metadata") or {}
+            rv = rv or meta.get("resourceVersion")
+            items = page.get("items")
+            if not isinstance(items, list) or not rv:
+                raise Problem("k8s_bad_response", f"list {self.resource.plural}: no items or resourceVersion")
+            yield items
+            token = meta.get("continue") or ""
+            if not token:
+                break
+        self.rv = str(rv)
+
+    # -- layers 3 and 4: one watch request, its lines ---------------------------------------------
+    def _watch(self) -> None:
+        """One watch request, until the server ends it (or an error does)."""
+        assert self.rv is not None
+        params = [("watch", "true"), ("resourceVersion", self.rv), ("allowWatchBookmarks", "true"),
+                  ("timeoutSeconds", str(random.randint(WATCH_TIMEOUT_S, 2 * WATCH_TIMEOUT_S)))]
+        if self.field_selector:
+            params.append(("fieldSelector", self.field_selector))
+        resp = self._get(self.resource.path, params, self.settings.read_timeout_s)
+        self.state = "watching"
+        self.watches += 1
+        self.round_connected = time.monotonic()
+        try:
+            for line in self._lines(resp):
+                self.round_lines += 1
+                self._handle(line)
+                if self.stop.is_set():
+                    break
+        finally:
+            resp.release_conn()
+
+    def _lines(self, resp: urllib3.HTTPResponse) -> Iterator[bytes]:
+        buf = b""
+        try:
+            for chunk in resp.stream(65536, decode_content=True):
+                buf += chunk
+                if b"\n" not in chunk:
+                    if len(buf) > MAX_LINE_BYTES:
+                        raise Problem("k8s_bad_response", f"watch {self.resource.plural}: a line over "
+                                                          f"{MAX_LINE_BYTES} bytes")
+                    continue
+                *lines, buf = buf.split(b"\n")
+                yield from (line for line in lines if line.strip())
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise Problem("k8s_watch_timeout", f"watch {self.resource.plural}: nothing received for "
+                                               f"{self.settings.read_timeout_s:g} s (read timeout); "
+                                               "reconnecting") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Problem("k8s_connection", f"watch {self.resource.plural}: connection lost: {exc}") from exc
+        if buf.strip():
+            raise Problem("k8s_bad_response", f"watch {self.resource.plural}: stream ended inside an event "
+                                              f"({len(buf)} bytes of truncated JSON)")
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            ev = json.loads(line)
+            etype, obj = ev["type"], ev["object"]
+            if not isinstance(obj, dict):
+                raise TypeError("object is not a JSON object")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Problem("k8s_bad_response", f"watch {self.resource.plural}: not a watch event "
+                                              f"({exc}): {line[:120]!r}") from exc
+        if etype == "ERROR":
+            code, message = obj.get("code"), obj.get("message", "")
+            if code == 410:
+                raise Gone(f"ERROR event 410: {message}")
+            raise Problem("k8s_forbidden" if code in (401, 403) else "k8s_api_error",
+                          f"watch {self.resource.plural}: ERROR event {code}: {message}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if etype in ("ADDED", "MODIFIED", "DELETED"):
+            self.tracker.apply(etype, obj)
+        elif etype != "BOOKMARK":
+            raise Problem("k8s_bad_response", f"watch {self.resource.plural}: unknown event type {etype!r}")
+        if rv:
+            self.rv = str(rv)
+
+
+class K8sInformerWorker(Worker):
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx)
+        self.settings = Settings.from_config(ctx.config, ctx.spec.node)
+        self.access = events.locate(self.settings.kubeconfig)
+        self.conf = client_configuration(self.access)
+        self.out = Outbox()
+        self.stop = threading.Event()
+        self.informers = [
+            Informer(conf=self.conf, resource=r, settings=self.settings, out=self.out, stop=self.stop,
+                     discover_endpointslices=r is events.ENDPOINTSLICES)
+            for r in events.resources(endpointslices=True)]
+
+    def run(self) -> None:
+        ctx = self.ctx
+        log.info("API server %s (%s from %s); pods: %s", self.conf.host, self.access.path, self.access.origin,
+                 self.settings.pod_field_selector or "all nodes")
+        for inf in self.informers:
+            threading.Thread(target=inf.run, name=f"informer-{inf.resource.plural}", daemon=True).start()
+        try:
+            while not ctx.stopping:
+                self._publish()
+                ctx.set_info(server=self.conf.host, kubeconfig=self.access.path,
+                             pod_scope=self.settings.pod_scope,
+                             resources={i.resource.plural: i.info() for i in self.informers})
+                ctx.heartbeat()
+                select.select([self.out.wake_r, ctx.stop_fd], [], [], ctx.spec.heartbeat_interval_s / 2)
+            self._publish()
+        finally:
+            self.stop.set()
+
+    def _publish(self) -> None:
+        for n, (what, kind, data) in enumerate(self.out.drain()):
+            if what == "event":
+                self.ctx.publish(kind, data)
+            else:
+                self.ctx.warn(kind, data.pop("message"), **data)
+            if n % 256 == 255:  # a relist of thousands of objects: keep beating
+                self.ctx.heartbeat()
