@@ -374,8 +374,8 @@ def load(
         merged["log_level"] = env["LOG_LEVEL"]
     if env.get("NODE_NAME"):
         merged["node_name"] = env["NODE_NAME"]
-    if env.get("KUBECONFIG") and not merged.get("kubernetes", {}).get("kubeconfig"):
-        merged = _merge(merged, {"kubernetes": {"kubeconfig": env["KUBECONFIG"].split(":")[0]}})
+    # $KUBECONFIG is not copied into kubernetes.kubeconfig: the k8s workers try
+    # the key, then in-cluster config, then $KUBECONFIG, then ~/.kube/config.
     if log_level:
         merged["log_level"] = log_level
     cfg: Config = _build(Config, merged, "")
