@@ -224,6 +224,13 @@ def proc_state(pid: int) -> str | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pid_alive(pid: int) -> bool:
     state = proc_state(pid)
     return state is not None and state != "Z"

@@ -12,7 +12,7 @@ from pathlib import Path
 from cnisup.workers import privileges
 
 from .conftest import requires_root
-from .support import CNISUP, Cnisup, children_of, pid_alive, proc_state, worker_user
+from .support import CNISUP, Cnisup, children_of, cpu_seconds, pid_alive, proc_state, worker_user
 
 
 def _running(c: Cnisup, worker: str = "inotify") -> dict:
@@ -292,7 +292,14 @@ def test_worker_side_drops_are_counted_and_reported(base: Path) -> None:
         try:
             for i in range(2000):
                 (c.conf_dir / f"d{i:05}.conf").write_text('{"name":"n","type":"bridge"}')
-            time.sleep(1.0)
+            # Keep the proxy stalled until the worker has handled every file
+            # (its CPU time stops growing), however loaded this machine is.
+            last, still, deadline = -1.0, 0, time.monotonic() + 20
+            while still < 3 and time.monotonic() < deadline:
+                time.sleep(0.3)
+                now_cpu = cpu_seconds(w["pid"])
+                still = still + 1 if now_cpu == last else 0
+                last = now_cpu
             assert proc_state(w["pid"]) in ("S", "R")  # the worker is not blocked
         finally:
             os.kill(c.proc.pid, signal.SIGCONT)
@@ -300,7 +307,9 @@ def test_worker_side_drops_are_counted_and_reported(base: Path) -> None:
         loss = ev.wait("supervisor.loss", timeout_s=15)
         assert loss["data"]["worker"] == "inotify" and loss["data"]["dropped"] > 0
         assert loss["data"]["incarnation"] == w["incarnation"]
-        ev.drain(0.5)
+        after = c.conf_dir / "zz-after.conf"
+        after.write_text('{"name":"after","type":"bridge"}')  # a later event reveals the holes
+        ev.wait("cni.config.created", path=str(after))
         holes = sum(b - a - 1 for inc, a, b in ev.gaps if inc == w["incarnation"])
         st = c.worker()
         assert st["events_dropped"] >= holes > 0

@@ -16,7 +16,10 @@ attach → decode → loop.
   until the run does something that is reported.
 * Kernel-side losses (ring buffer full) are counted in BPF (``lost``) and
   reported as ``monitor.warning`` code ``ringbuf_loss`` and
-  ``info.kernel_dropped``; the runs concerned say ``truncated: ["events"]``.
+  ``info.kernel_dropped`` / ``info.kernel_runs_lost``; the runs concerned
+  say ``truncated: ["events"]`` (or ``["env"]``).
+* The program is compiled and attached in the constructor, before the worker
+  reports ready: "ready" means "capturing".
 """
 
 from __future__ import annotations

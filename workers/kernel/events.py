@@ -15,6 +15,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# Imported here, not on first use: importing pyroute2 takes ~0.1 s, which
+# would delay the first events after the worker reported ready.
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
 #: CNI_COMMAND values of the CNI spec (1.1 adds GC and STATUS).
 CNI_COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 #: How much of an unparseable stdout/stderr goes into an event.
@@ -253,8 +258,6 @@ def iter_nlmsgs(buf: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _link_change(mtype: int, flags: int, msg: bytes) -> NetlinkChange | None:
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-
     m = ifinfmsg(msg)
     m.decode()
     data: dict[str, Any] = {}
@@ -304,8 +307,6 @@ def _netns_target(m: Any) -> str | None:
 
 
 def _addr_change(mtype: int, msg: bytes) -> NetlinkChange | None:
-    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-
     m = ifaddrmsg(msg)
     m.decode()
     family = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}.get(m["family"])
