@@ -441,9 +441,11 @@ def _check_running(proc: subprocess.Popen[bytes], config: Path, base: Path) -> N
     assert argv0 == f"{VENV}/bin/python"
     sup = _proc_status(proc.pid)
     assert sup["Uid"].split()[0] == "0" and sup["Gid"].split()[0] == str(pw.pw_gid)
-    for sock in ("events.sock", "control.sock", "private/bus.sock"):
+    for sock in ("events.sock", "control.sock"):  # the cnisup group may subscribe and ask status
         info = (base / "run" / sock).stat()
         assert (info.st_gid, info.st_mode & 0o777) == (pw.pw_gid, 0o660), sock
+    bus = (base / "run" / "private" / "bus.sock").stat()  # only the workers' user may publish
+    assert (bus.st_uid, bus.st_mode & 0o777) == (pw.pw_uid, 0o600)
     tail = subprocess.Popen(["/usr/bin/cnisup", "tail", "--json", "--config", str(config),
                              "--topic", "cni.config.created", "--count", "1", "--timeout", "15"],
                             stdout=subprocess.PIPE, text=True, cwd="/")
