@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import Instance, Listener, cpu_seconds, percentile, row, world_dir
+from .common import Instance, Listener, cpu_seconds_fine, percentile, row, world_dir
 
 CONF = {"cniVersion": "1.0.0", "name": "bench", "plugins": [{"type": "bridge"}, {"type": "portmap"}]}
 OPS = ("create", "replace", "touch", "delete")
@@ -96,9 +96,9 @@ def _one(worker: str, *, changes: int, interval_s: float, idle_s: float) -> dict
         time.sleep(min(2.0, interval_s))  # past the start-up scan
         while listener.recv(0.2):
             pass
-        cpu0 = cpu_seconds(pid)
+        cpu0 = cpu_seconds_fine(pid)
         syscalls = _strace_count(pid, idle_s)
-        idle_cpu = cpu_seconds(pid) - cpu0
+        idle_cpu = cpu_seconds_fine(pid) - cpu0
         collector = _Collector(listener, expected=len([op for op, _ in ops_plan(per_op) if op in EXPECT]))
         collector.start()
         # The workload: distinct files per operation so polling cannot merge them.

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(330)  # quick mode takes about 2 minutes on a 2-core VM; its own budget is 3
 def test_quick_mode_writes_valid_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     docs = tmp_path / "docs"
@@ -25,7 +26,24 @@ def test_quick_mode_writes_valid_results(tmp_path: Path) -> None:
     assert set(results) >= {"machine", "date", "comparisons"}
     assert results["machine"]["cores"] >= 1 and results["quick"] is True
     names = {c["name"] for c in results["comparisons"]}
-    assert any(n.startswith("config family") for n in names) and any(n.startswith("bus") for n in names)
+    for family in ("kernel family", "config family", "k8s family", "bus", "start-up"):
+        assert any(n.startswith(family) for n in names), (family, names)
+    kernel = [c for c in results["comparisons"] if c["name"].startswith("kernel")]
+    if not any(c["metric"].startswith("skipped") for c in kernel):  # root, BCC and the plugins were there
+        metrics = {(c["name"], c["metric"]) for c in kernel}
+        assert {n for n, _ in metrics} == {"kernel family: ebpf vs proc-poll, pod churn",
+                                           "kernel family: ebpf vs `ps aux` every 5 s (seed baseline)",
+                                           "kernel overhead on unrelated work: ebpf loaded vs none"}
+        for c in kernel:
+            if c["unit"] == "fraction":
+                assert 0.0 <= c["primary"] <= 1.0 and 0.0 <= c["fallback"] <= 1.0, c
+        startup = {c["metric"] for c in results["comparisons"] if c["name"] == "start-up"}
+        assert any(m.startswith("BPF compile + load") for m in startup), startup
+    k8s = [c for c in results["comparisons"] if c["name"].startswith("k8s family")]
+    if not any(c["metric"].startswith("skipped") for c in k8s):
+        assert {c["metric"] for c in k8s} >= {"RSS with 1,000 pods, 100 services, 100 slices",
+                                              "RSS with 5,000 pods, 500 services, 500 slices"}
+        assert any("-> subscriber" in c["metric"] for c in k8s)
     for c in results["comparisons"]:
         assert set(c) >= {"name", "metric", "primary", "fallback", "ratio", "unit"}
         if c["fallback"] is not None and c["primary"]:
@@ -38,4 +56,4 @@ def test_quick_mode_writes_valid_results(tmp_path: Path) -> None:
     assert "| comparison | metric |" in md
     for png in docs.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(docs.glob("*.png"))) >= 3
+    assert len(list(docs.glob("*.png"))) >= 4
