@@ -108,10 +108,10 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
     sup = reply["supervisor"]
     click.echo(f"supervisor pid {sup['pid']} ({sup['state']}), node {sup['node']}, up {sup['uptime_s']:.0f}s, "
                f"version {sup['version']}")
-    header = f"{'FAMILY':8} {'WORKER':10} {'STATE':11} {'PID':>7} {'RESTARTS':>8} {'SENT':>8} {'DROPPED':>7}  HB"
+    header = f"{'FAMILY':8} {'WORKER':13} {'STATE':11} {'PID':>7} {'RESTARTS':>8} {'SENT':>8} {'DROPPED':>7}  HB"
     click.echo(header)
     for w in reply["workers"]:
-        click.echo(f"{w['family']:8} {w.get('worker') or '-':10} {w['state']:11} {w.get('pid') or '-':>7} "
+        click.echo(f"{w['family']:8} {w.get('worker') or '-':13} {w['state']:11} {w.get('pid') or '-':>7} "
                    f"{w.get('restarts', 0):>8} {w.get('events_sent', 0):>8} {w.get('events_dropped', 0):>7}  "
                    f"{_fmt_age(w.get('heartbeat_age_s'))}")
         if w.get("fallback_reason"):
