@@ -233,9 +233,13 @@ def check(cfg: Config) -> dict[str, Any]:
     families = []
     for fam in FAMILIES.values():
         c = choose(cfg, fam)
+        reason = c.reason
+        chosen = c.probes.get(c.worker.name) if c.worker else None
+        if chosen is not None and not chosen.ok:  # started anyway: it exits 77 and is re-probed later
+            reason += f"; {c.worker.name} will not run either: {chosen.reason}"  # type: ignore[union-attr]
         families.append({
-            "family": fam.name, "enabled": c.enabled,
-            "worker": c.worker.name if c.worker else None, "reason": c.reason,
+            "family": fam.name, "enabled": c.enabled, "runnable": chosen is None or chosen.ok,
+            "worker": c.worker.name if c.worker else None, "reason": reason,
             "primary": fam.primary.name, "fallback": fam.fallback.name,
             "probes": {n: {"ok": p.ok, "reason": p.reason, **p.details} for n, p in c.probes.items()},
         })
