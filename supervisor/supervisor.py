@@ -230,7 +230,7 @@ class Supervisor:
                     fds[w.child.pidfd] = (w, "exit")
                     fds[w.child.status_fd] = (w, "status")
             exited: list[Watcher] = []
-            for item, _ in poller.poll(int(self._next_timeout(now) * 1000)):
+            for item, _ in poller.poll(int(TICK_S * 1000)):
                 if item == self._wake.fileno():  # pyzmq hands back fds, not objects
                     try:
                         self._wake.recv(4096)
@@ -247,9 +247,6 @@ class Supervisor:
             # Exits last, so the worker's final status lines (its exit reason) count.
             for w in exited:
                 self._on_exit(w, time.monotonic())
-
-    def _next_timeout(self, now: float) -> float:
-        return TICK_S
 
     def _serve_control(self) -> None:
         try:

@@ -1,22 +1,17 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .support import Cnisup, world_dir
-
-requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+from .support import Cnisup
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    import shutil
-    d = world_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def base(world_tmp: Path) -> Path:
+    """This test's world-traversable dir (tests/conftest.py's ``world_tmp``)."""
+    return world_tmp
 
 
 @pytest.fixture

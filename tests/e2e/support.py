@@ -10,7 +10,6 @@ import pwd
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,13 +29,6 @@ def worker_user() -> pwd.struct_passwd:
         return pwd.getpwnam("cnisup")
     except KeyError:
         return pwd.getpwnam("nobody")
-
-
-def world_dir(prefix: str = "cnisup-test-") -> Path:
-    """A temp dir unprivileged workers (nobody) can traverse."""
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    d.chmod(0o755)
-    return d
 
 
 class Events:

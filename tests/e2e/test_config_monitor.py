@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import requires_root
 from .support import Cnisup, Events
 
 CONFLIST = {"cniVersion": "1.0.0", "name": "podnet",
@@ -236,7 +235,7 @@ def test_bad_input_is_reported_and_the_worker_survives(monitor: tuple[Cnisup, Ev
     ev.wait("cni.config.created", path=str(c.conf_dir / "z-fine.conf"), valid=True)
 
 
-@requires_root
+@pytest.mark.root
 def test_unreadable_file_is_reported(monitor: tuple[Cnisup, Events]) -> None:
     c, ev = monitor
     ev.wait("cni.config.active_changed")

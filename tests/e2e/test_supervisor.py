@@ -9,9 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from cnisup.workers import privileges
 
-from .conftest import requires_root
 from .support import CNISUP, Cnisup, children_of, cpu_seconds, pid_alive, proc_state, worker_user
 
 
@@ -152,7 +153,7 @@ def test_second_instance_is_refused(cnisup: Cnisup) -> None:
     assert cnisup.stop() == 0
 
 
-@requires_root
+@pytest.mark.root
 def test_unprivileged_worker_credentials(cnisup: Cnisup) -> None:
     cnisup.start()
     pid = _running(cnisup)["pid"]
@@ -191,7 +192,7 @@ def test_use_inotify_false_runs_file_poll_and_says_why(base: Path) -> None:
         assert c.stop() == 0
 
 
-@requires_root
+@pytest.mark.root
 def test_missing_inotify_means_fallback_with_reason(base: Path) -> None:
     """Exit 77 from the primary: the fallback starts at once, the reason is published."""
     nobody = worker_user()

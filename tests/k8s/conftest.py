@@ -9,13 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import world_dir
 
 from .apiserver import ApiServer
-
-try:
-    from harness import world_dir
-except ImportError:  # run from another rootdir
-    from e2e.support import world_dir
 
 
 @pytest.fixture

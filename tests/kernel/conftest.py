@@ -46,6 +46,15 @@ def start_module_worker(name: str, bin_dir: Path, tmp: Path, **fallback: Any) ->
     return run
 
 
+def stop_module_worker(run: WorkerRun) -> None:
+    """Stop a module-scoped worker: clean exit 0 and no protocol problems."""
+    try:
+        assert run.stop() == 0, run.stderr()
+        assert not run.problems, run.problems[:5]
+    finally:
+        run.close()
+
+
 def latest_info(run: WorkerRun) -> dict[str, Any]:
     run.pump(0)
     beats = [s for _, s in run.status if s["t"] == "hb"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from cni import delete_link, netns, run_chain, run_plugin
-from conftest import cpu_s, latest_info, needs_plugins, needs_root, rss_kib, start_module_worker
+from conftest import cpu_s, latest_info, needs_plugins, needs_root, rss_kib, start_module_worker, stop_module_worker
 from harness import WorkerRun
 
 from cnisup.workers.kernel import ebpf as ebpf_worker
@@ -39,11 +39,7 @@ def ebpf(bin_dir: Path, kernel_tmp: Path) -> Iterator[WorkerRun]:
     record("startup_s", round(time.monotonic() - t0, 3))
     record("bpf_compile_load_s", latest_info(run)["load_s"])
     yield run
-    try:
-        assert run.stop() == 0, run.stderr()
-        assert not run.problems, run.problems[:5]
-    finally:
-        run.close()
+    stop_module_worker(run)
 
 
 def record(key: str, value: Any) -> None:

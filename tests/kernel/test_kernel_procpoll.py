@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cni import delete_link, netns, run_plugin
-from conftest import needs_plugins, needs_root, start_module_worker
+from conftest import needs_plugins, needs_root, start_module_worker, stop_module_worker
 from harness import WorkerRun
 
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
@@ -26,11 +26,7 @@ MEASUREMENTS = Path(__file__).resolve().parents[2] / "build" / "measurements" / 
 def procpoll(bin_dir: Path, kernel_tmp: Path) -> Iterator[WorkerRun]:
     run = start_module_worker("proc-poll", bin_dir, kernel_tmp, process_poll_interval=POLL_S)
     yield run
-    try:
-        assert run.stop() == 0, run.stderr()
-        assert not run.problems, run.problems[:5]
-    finally:
-        run.close()
+    stop_module_worker(run)
 
 
 def test_slow_run_links_addrs_and_netns(procpoll: WorkerRun, bin_dir: Path, kernel_tmp: Path) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from cni import netns, run_plugin
 from conftest import needs_plugins, needs_root
-from e2e.support import CNISUP, Cnisup, world_dir
+from e2e.support import CNISUP, Cnisup
+from harness import world_dir
 
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
 
