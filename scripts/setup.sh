@@ -36,6 +36,20 @@ if [ "$(id -u)" -eq 0 ] && [ -x scripts/host-bpf-setup.sh ]; then
   scripts/host-bpf-setup.sh || echo "setup: BPF host set-up incomplete; the kernel family will use its fallback" >&2
 fi
 
+# Unprivileged workers (nobody/cnisup) run this checkout's code: every
+# directory above it must be searchable by them (a `mktemp -d` parent is
+# 0700). Only the search bit is added, never read; `cnisup check` reports it
+# when it is missing on a real install.
+if [ "$(id -u)" -eq 0 ]; then
+  dir="$(pwd -P)"
+  while [ "$dir" != "/" ]; do
+    if [ "$(( 0$(stat -c %a "$dir") & 01 ))" -eq 0 ]; then
+      chmod o+x "$dir" && echo "setup: made $dir searchable for the unprivileged workers" >&2
+    fi
+    dir="$(dirname "$dir")"
+  done
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
