@@ -106,7 +106,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         listener.close()
         shutil.rmtree(base, ignore_errors=True)
     name = "bus: worker -> proxy -> subscriber"
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"name": name, "metric": "latency p50 at 1k events/s", "primary": percentile(lat, 50), "fallback": None,
          "ratio": None, "unit": "ms"},
         {"name": name, "metric": "latency p99 at 1k events/s", "primary": percentile(lat, 99), "fallback": None,

@@ -143,7 +143,7 @@ class Listener:
     """A raw SUB socket that records (arrival time, envelope)."""
 
     def __init__(self, endpoint: str, rcvhwm: int = 0) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -204,7 +204,7 @@ class Instance:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                w = next(w for w in self.status()["workers"] if w["family"] == family)
+                w: dict[str, Any] = next(w for w in self.status()["workers"] if w["family"] == family)
                 if w["state"] == "running":
                     return w
             except (json.JSONDecodeError, StopIteration, subprocess.TimeoutExpired):

@@ -1,6 +1,8 @@
 """The catalogue of event kinds and the JSON Schema of each kind's ``data``.
 
-This is the source of ``schema/envelope.schema.json``; regenerate it with
+Every kind is a constant of its family's enum below, defined once; workers
+and the supervisor publish these constants, never string literals. This is
+the source of ``schema/envelope.schema.json``; regenerate it with
 ``python -m cnisup.protocol.kinds > protocol/schema/envelope.schema.json``
 (a test fails when the two differ). Fields not listed as required may be
 absent; extra fields may be added without bumping the envelope version.
@@ -10,9 +12,86 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from typing import Any
 
 from cnisup.protocol.envelope import SOURCES, VERSION
+
+
+class SupervisorKind(StrEnum):
+    """The supervisor's own lifecycle events (``source: supervisor``)."""
+
+    STARTED = "supervisor.started"
+    READY = "supervisor.ready"
+    STOPPING = "supervisor.stopping"
+    STOPPED = "supervisor.stopped"
+    WORKER_STARTED = "supervisor.worker.started"
+    WORKER_READY = "supervisor.worker.ready"
+    WORKER_EXITED = "supervisor.worker.exited"
+    WORKER_RESTARTING = "supervisor.worker.restarting"
+    WORKER_FALLBACK = "supervisor.worker.fallback"
+    WORKER_RESTORED = "supervisor.worker.restored"
+    WORKER_SWITCHED = "supervisor.worker.switched"
+    WORKER_FAILED = "supervisor.worker.failed"
+    WORKER_UNRESPONSIVE = "supervisor.worker.unresponsive"
+    LOSS = "supervisor.loss"
+    CONFIG_RELOADED = "supervisor.config.reloaded"
+    CONFIG_RELOAD_FAILED = "supervisor.config.reload_failed"
+
+
+class MonitorKind(StrEnum):
+    """What any worker may say about itself."""
+
+    WARNING = "monitor.warning"
+
+
+class ConfigKind(StrEnum):
+    """The config family (inotify, file-poll)."""
+
+    CONFIG_DISCOVERED = "cni.config.discovered"
+    CONFIG_CREATED = "cni.config.created"
+    CONFIG_MODIFIED = "cni.config.modified"
+    CONFIG_DELETED = "cni.config.deleted"
+    CONFIG_ACTIVE_CHANGED = "cni.config.active_changed"
+    BINARY_DISCOVERED = "cni.plugin_binary.discovered"
+    BINARY_CREATED = "cni.plugin_binary.created"
+    BINARY_MODIFIED = "cni.plugin_binary.modified"
+    BINARY_DELETED = "cni.plugin_binary.deleted"
+
+
+class KernelKind(StrEnum):
+    """The kernel family (ebpf, proc-poll)."""
+
+    PLUGIN_STARTED = "cni.plugin.started"
+    PLUGIN_FINISHED = "cni.plugin.finished"
+    NETNS_CREATED = "netns.created"
+    NETNS_ENTERED = "netns.entered"
+    NETNS_DELETED = "netns.deleted"
+    LINK_CREATED = "link.created"
+    LINK_DELETED = "link.deleted"
+    LINK_CHANGED = "link.changed"
+    LINK_MOVED = "link.moved"
+    ADDR_ADDED = "addr.added"
+    ADDR_DELETED = "addr.deleted"
+
+
+class K8sKind(StrEnum):
+    """The k8s family (k8s-informer, kubectl)."""
+
+    POD_IP_ALLOCATED = "k8s.pod.ip_allocated"
+    POD_IP_CHANGED = "k8s.pod.ip_changed"
+    POD_IP_RELEASED = "k8s.pod.ip_released"
+    SERVICE_ADDED = "k8s.service.added"
+    SERVICE_MODIFIED = "k8s.service.modified"
+    SERVICE_DELETED = "k8s.service.deleted"
+    ENDPOINTSLICE_ADDED = "k8s.endpointslice.added"
+    ENDPOINTSLICE_MODIFIED = "k8s.endpointslice.modified"
+    ENDPOINTSLICE_DELETED = "k8s.endpointslice.deleted"
+    NETWORKPOLICY_ADDED = "k8s.networkpolicy.added"
+    NETWORKPOLICY_MODIFIED = "k8s.networkpolicy.modified"
+    NETWORKPOLICY_DELETED = "k8s.networkpolicy.deleted"
+    NODE_NETWORK_CHANGED = "k8s.node.network_changed"
+
 
 S: dict[str, Any] = {"type": "string"}
 INT: dict[str, Any] = {"type": "integer"}
@@ -72,64 +151,64 @@ _NODE = {"name": S, "pod_cidrs": STRS, "addresses": {"type": "array", "items": o
 
 #: kind -> (one-line meaning, JSON Schema of data)
 KINDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "supervisor.started": ("the supervisor is up; its sockets are bound", obj(
+    SupervisorKind.STARTED: ("the supervisor is up; its sockets are bound", obj(
         ["pid", "version", "endpoints"],
         {"pid": INT, "version": S, "config_path": NS, "preset": S, "endpoints": STRS})),
-    "supervisor.ready": ("every enabled family's worker reported ready once (or ready_timeout passed)", obj(
+    SupervisorKind.READY: ("every enabled family's worker reported ready once (or ready_timeout passed)", obj(
         ["workers", "degraded"], {"workers": {"type": "object", "additionalProperties": S},
                                   "degraded": STRS})),
-    "supervisor.stopping": ("a stop was asked; workers get SIGTERM", obj(["reason"], {"reason": S})),
-    "supervisor.stopped": ("last event of a supervisor incarnation", obj(["uptime_s"], {"uptime_s": N})),
-    "supervisor.worker.started": ("a worker process was started: a new incarnation begins", obj(
+    SupervisorKind.STOPPING: ("a stop was asked; workers get SIGTERM", obj(["reason"], {"reason": S})),
+    SupervisorKind.STOPPED: ("last event of a supervisor incarnation", obj(["uptime_s"], {"uptime_s": N})),
+    SupervisorKind.WORKER_STARTED: ("a worker process was started: a new incarnation begins", obj(
         ["family", "worker", "role", "pid", "incarnation", "reason", "restarts"],
         {**_W, "role": {"enum": ["primary", "fallback"]}, "pid": INT, "incarnation": S, "reason": S,
          "restarts": INT, "privileged": B})),
-    "supervisor.worker.ready": ("the worker reached the bus; its events flow from now", obj(
+    SupervisorKind.WORKER_READY: ("the worker reached the bus; its events flow from now", obj(
         ["family", "worker", "pid", "incarnation"],
         {**_W, "pid": INT, "incarnation": S, "startup_s": N})),
-    "supervisor.worker.exited": ("a worker process ended (any reason)", obj(
+    SupervisorKind.WORKER_EXITED: ("a worker process ended (any reason)", obj(
         ["family", "worker", "pid", "incarnation", "exit_code", "signal", "reason", "ran_for_s"],
         {**_W, "pid": INT, "incarnation": S, "exit_code": NI, "signal": NS, "reason": S, "ran_for_s": N,
          "killed_by_supervisor": NS})),
-    "supervisor.worker.restarting": ("a crashed worker will be restarted after delay_s", obj(
+    SupervisorKind.WORKER_RESTARTING: ("a crashed worker will be restarted after delay_s", obj(
         ["family", "worker", "attempt", "delay_s", "reason"],
         {**_W, "attempt": INT, "delay_s": N, "reason": S})),
-    "supervisor.worker.fallback": ("the family switches from its primary to its fallback", _SWITCH),
-    "supervisor.worker.restored": ("the primary probes fine again and replaces the fallback", _SWITCH),
-    "supervisor.worker.switched": ("a reload changed which worker runs the family", _SWITCH),
-    "supervisor.worker.failed": ("nothing runs this family (78, or both workers 77)", obj(
+    SupervisorKind.WORKER_FALLBACK: ("the family switches from its primary to its fallback", _SWITCH),
+    SupervisorKind.WORKER_RESTORED: ("the primary probes fine again and replaces the fallback", _SWITCH),
+    SupervisorKind.WORKER_SWITCHED: ("a reload changed which worker runs the family", _SWITCH),
+    SupervisorKind.WORKER_FAILED: ("nothing runs this family (78, or both workers 77)", obj(
         ["family", "worker", "reason"], {**_W, "exit_code": NI, "reason": S, "retry_in_s": NN})),
-    "supervisor.worker.unresponsive": ("no heartbeat: the worker is killed and restarted", obj(
+    SupervisorKind.WORKER_UNRESPONSIVE: ("no heartbeat: the worker is killed and restarted", obj(
         ["family", "worker", "pid", "heartbeat_age_s"],
         {**_W, "pid": INT, "incarnation": S, "heartbeat_age_s": N})),
-    "supervisor.loss": ("events were dropped (bus high-water mark, ring buffer)", obj(
+    SupervisorKind.LOSS: ("events were dropped (bus high-water mark, ring buffer)", obj(
         ["family", "worker", "incarnation", "where", "dropped", "dropped_total"],
         {**_W, "incarnation": S, "where": S, "dropped": INT, "dropped_incarnation": INT, "dropped_total": INT})),
-    "supervisor.config.reloaded": ("SIGHUP: the configuration was re-read", obj(
+    SupervisorKind.CONFIG_RELOADED: ("SIGHUP: the configuration was re-read", obj(
         ["changed", "ignored"], {"changed": STRS, "ignored": STRS})),
-    "supervisor.config.reload_failed": ("SIGHUP: the new file is invalid; nothing changed", obj(
+    SupervisorKind.CONFIG_RELOAD_FAILED: ("SIGHUP: the new file is invalid; nothing changed", obj(
         ["key", "error"], {"key": S, "error": S})),
-    "monitor.warning": ("a worker survived a problem (limits, overflow, unreadable input)", obj(
+    MonitorKind.WARNING: ("a worker survived a problem (limits, overflow, unreadable input)", obj(
         ["family", "worker", "code", "message"],
         {"family": S, "worker": S, "code": S, "message": S, "path": S, "resource": S})),
-    "cni.config.discovered": ("a CNI config file present when the worker started",
+    ConfigKind.CONFIG_DISCOVERED: ("a CNI config file present when the worker started",
                               obj(["path", "dir", "valid"], _CFG)),
-    "cni.config.created": ("a new CNI config file", obj(["path", "dir", "valid"], _CFG)),
-    "cni.config.modified": ("a CNI config file's content changed", obj(
+    ConfigKind.CONFIG_CREATED: ("a new CNI config file", obj(["path", "dir", "valid"], _CFG)),
+    ConfigKind.CONFIG_MODIFIED: ("a CNI config file's content changed", obj(
         ["path", "dir", "valid"], {**_CFG, "previous_sha256": SHA})),
-    "cni.config.deleted": ("a CNI config file is gone", obj(
+    ConfigKind.CONFIG_DELETED: ("a CNI config file is gone", obj(
         ["path", "dir"], {"path": S, "dir": S, "previous_sha256": SHA, "network": S})),
-    "cni.config.active_changed": ("the config a runtime would load changed", obj(
+    ConfigKind.CONFIG_ACTIVE_CHANGED: ("the config a runtime would load changed", obj(
         ["path", "previous", "initial"], {"path": NS, "previous": NS, "network": S, "initial": B})),
-    "cni.plugin_binary.discovered": ("a plugin binary present at start", obj(["path", "dir", "name"], _BIN)),
-    "cni.plugin_binary.created": ("a new plugin binary", obj(["path", "dir", "name"], _BIN)),
-    "cni.plugin_binary.modified": ("a plugin binary's content changed", obj(
+    ConfigKind.BINARY_DISCOVERED: ("a plugin binary present at start", obj(["path", "dir", "name"], _BIN)),
+    ConfigKind.BINARY_CREATED: ("a new plugin binary", obj(["path", "dir", "name"], _BIN)),
+    ConfigKind.BINARY_MODIFIED: ("a plugin binary's content changed", obj(
         ["path", "dir", "name"], {**_BIN, "previous_sha256": SHA})),
-    "cni.plugin_binary.deleted": ("a plugin binary is gone", obj(
+    ConfigKind.BINARY_DELETED: ("a plugin binary is gone", obj(
         ["path", "dir", "name"], {"path": S, "dir": S, "name": S, "previous_sha256": SHA})),
-    "cni.plugin.started": ("a CNI plugin process started (exec of a binary in cni.bin_dirs)",
+    KernelKind.PLUGIN_STARTED: ("a CNI plugin process started (exec of a binary in cni.bin_dirs)",
                            obj(_RUN_REQ, _RUN)),
-    "cni.plugin.finished": ("a CNI plugin process ended: exit code, duration, parsed stdout", obj(
+    KernelKind.PLUGIN_FINISHED: ("a CNI plugin process ended: exit code, duration, parsed stdout", obj(
         [*_RUN_REQ, "duration_ms"],
         {**_RUN, "exit_code": INT, "duration_ms": N, "duration_approximate": B, "exit_reason": S,
          "result": obj([], {"cni_version": S, "supported_versions": STRS,
@@ -138,36 +217,36 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
                                 "address": S, "gateway": S, "interface": INT})}}),
          "error": obj([], {"code": INT, "msg": S, "details": S}),
          "output_error": S, "stdout": S, "stderr": S})),
-    "netns.created": ("a network namespace was created (unshare/clone, or newly seen)",
+    KernelKind.NETNS_CREATED: ("a network namespace was created (unshare/clone, or newly seen)",
                       obj([], {**_BY, "via": S, "child_pid": INT, "netns": S, "inode": INT, "path": S})),
-    "netns.entered": ("a process joined a network namespace (setns)",
+    KernelKind.NETNS_ENTERED: ("a process joined a network namespace (setns)",
                       obj(["pid"], {**_BY, "fd": INT, "netns": S, "inode": INT})),
-    "netns.deleted": ("a network namespace is gone (proc-poll only)",
+    KernelKind.NETNS_DELETED: ("a network namespace is gone (proc-poll only)",
                       obj([], {"netns": S, "inode": INT, "path": S})),
-    "link.created": ("a network interface was created (requested, or newly seen)", obj([], _LINK)),
-    "link.deleted": ("a network interface was deleted", obj([], _LINK)),
-    "link.changed": ("an interface's settings changed (master, up/down, mtu, name)", obj([], _LINK)),
-    "link.moved": ("an interface was moved to another network namespace", obj([], _LINK)),
-    "addr.added": ("an IP address was added to an interface", obj(
+    KernelKind.LINK_CREATED: ("a network interface was created (requested, or newly seen)", obj([], _LINK)),
+    KernelKind.LINK_DELETED: ("a network interface was deleted", obj([], _LINK)),
+    KernelKind.LINK_CHANGED: ("an interface's settings changed (master, up/down, mtu, name)", obj([], _LINK)),
+    KernelKind.LINK_MOVED: ("an interface was moved to another network namespace", obj([], _LINK)),
+    KernelKind.ADDR_ADDED: ("an IP address was added to an interface", obj(
         ["address", "prefixlen", "family"], _ADDR)),
-    "addr.deleted": ("an IP address was removed from an interface", obj(
+    KernelKind.ADDR_DELETED: ("an IP address was removed from an interface", obj(
         ["address", "prefixlen", "family"], _ADDR)),
-    "k8s.pod.ip_allocated": ("a pod (of this node) got its first IPs", obj(_POD_REQ, _POD)),
-    "k8s.pod.ip_changed": ("a pod's IPs changed", obj([*_POD_REQ, "previous_ips"],
+    K8sKind.POD_IP_ALLOCATED: ("a pod (of this node) got its first IPs", obj(_POD_REQ, _POD)),
+    K8sKind.POD_IP_CHANGED: ("a pod's IPs changed", obj([*_POD_REQ, "previous_ips"],
                                                       {**_POD, "previous_ips": STRS})),
-    "k8s.pod.ip_released": ("a pod's IPs are gone: pod deleted, finished, or IPs removed", obj(
+    K8sKind.POD_IP_RELEASED: ("a pod's IPs are gone: pod deleted, finished, or IPs removed", obj(
         [*_POD_REQ, "reason"], {**_POD, "reason": {"enum": ["deleted", "released"]}})),
-    "k8s.service.added": ("a Service appeared", obj(_SVC_REQ, _SVC)),
-    "k8s.service.modified": ("a Service's type, IPs or ports changed", obj([*_SVC_REQ, "changed"], _SVC)),
-    "k8s.service.deleted": ("a Service is gone", obj(_SVC_REQ, _SVC)),
-    "k8s.endpointslice.added": ("an EndpointSlice appeared", obj(_EPS_REQ, _EPS)),
-    "k8s.endpointslice.modified": ("an EndpointSlice's endpoints changed", obj([*_EPS_REQ, "changed"], _EPS)),
-    "k8s.endpointslice.deleted": ("an EndpointSlice is gone", obj(_EPS_REQ, _EPS)),
-    "k8s.networkpolicy.added": ("a NetworkPolicy appeared", obj(_NP_REQ, _NP)),
-    "k8s.networkpolicy.modified": ("a NetworkPolicy's selector, types or rules changed", obj(
+    K8sKind.SERVICE_ADDED: ("a Service appeared", obj(_SVC_REQ, _SVC)),
+    K8sKind.SERVICE_MODIFIED: ("a Service's type, IPs or ports changed", obj([*_SVC_REQ, "changed"], _SVC)),
+    K8sKind.SERVICE_DELETED: ("a Service is gone", obj(_SVC_REQ, _SVC)),
+    K8sKind.ENDPOINTSLICE_ADDED: ("an EndpointSlice appeared", obj(_EPS_REQ, _EPS)),
+    K8sKind.ENDPOINTSLICE_MODIFIED: ("an EndpointSlice's endpoints changed", obj([*_EPS_REQ, "changed"], _EPS)),
+    K8sKind.ENDPOINTSLICE_DELETED: ("an EndpointSlice is gone", obj(_EPS_REQ, _EPS)),
+    K8sKind.NETWORKPOLICY_ADDED: ("a NetworkPolicy appeared", obj(_NP_REQ, _NP)),
+    K8sKind.NETWORKPOLICY_MODIFIED: ("a NetworkPolicy's selector, types or rules changed", obj(
         [*_NP_REQ, "changed"], _NP)),
-    "k8s.networkpolicy.deleted": ("a NetworkPolicy is gone", obj(_NP_REQ, _NP)),
-    "k8s.node.network_changed": ("a node's pod CIDRs, addresses, network conditions or CNI changed", obj(
+    K8sKind.NETWORKPOLICY_DELETED: ("a NetworkPolicy is gone", obj(_NP_REQ, _NP)),
+    K8sKind.NODE_NETWORK_CHANGED: ("a node's pod CIDRs, addresses, network conditions or CNI changed", obj(
         ["name", "pod_cidrs", "addresses", "conditions"], _NODE)),
 }
 
@@ -184,7 +263,7 @@ def envelope_schema() -> dict[str, Any]:
         "properties": {
             "v": {"const": VERSION},
             "id": {"type": "string", "minLength": 1},
-            "kind": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"},
+            "kind": {"enum": sorted(KINDS)},
             "source": {"enum": sorted(SOURCES)},
             "node": {"type": "string"},
             "ts": {"type": "integer", "minimum": 0, "description": "nanoseconds since the Unix epoch"},

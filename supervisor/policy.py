@@ -1,7 +1,7 @@
 """Restart policy: pure functions of a family's history, no I/O, no clock.
 
 Delays come from tenacity's wait strategies (exponential + random jitter,
-capped). ``decide`` maps an exit to what the supervisor does next.
+capped; ``workers.backoff``). ``decide`` maps an exit to what the supervisor does next.
 """
 
 from __future__ import annotations
@@ -10,35 +10,17 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-import tenacity
-from tenacity.wait import wait_base
-
 from cnisup.protocol import exitcodes
+from cnisup.protocol.settings import Restart
+from cnisup.workers import backoff
 
 
-@dataclass(frozen=True)
-class RestartSettings:
-    initial_delay_s: float = 0.5
-    multiplier: float = 2.0
-    max_delay_s: float = 30.0
-    jitter_s: float = 0.5
-    stable_after_s: float = 30.0
-    flap_threshold: int = 3
-    flap_window_s: float = 60.0
-    reprobe_interval_s: float = 300.0
-
-
-def wait_strategy(s: RestartSettings) -> wait_base:
-    """initial * multiplier**(n-1), capped, plus 0..jitter seconds."""
-    return tenacity.wait_exponential(multiplier=s.initial_delay_s, exp_base=s.multiplier,
-                                     max=s.max_delay_s) + tenacity.wait_random(0, s.jitter_s)
-
-
-def delay_for(s: RestartSettings, attempt: int) -> float:
-    """Delay before restart number ``attempt`` (1-based) of a backoff episode."""
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = attempt
-    return min(float(wait_strategy(s)(state)), s.max_delay_s + s.jitter_s)
+def delay_for(s: Restart, attempt: int) -> float:
+    """Delay before restart number ``attempt`` (1-based) of a backoff episode:
+    initial * multiplier**(n-1), capped, plus 0..jitter seconds."""
+    wait = backoff.exponential(initial_s=s.initial_delay, multiplier=s.multiplier, max_s=s.max_delay,
+                               jitter_s=s.jitter)
+    return min(backoff.delay_s(wait, attempt), s.max_delay + s.jitter)
 
 
 class Action(enum.Enum):
@@ -79,7 +61,7 @@ def describe_exit(code: int | None, signal_name: str | None) -> str:
 
 
 def decide(
-    s: RestartSettings,
+    s: Restart,
     history: History,
     *,
     code: int | None,
@@ -88,7 +70,6 @@ def decide(
     now: float,
     is_primary: bool,
     stopping: bool,
-    has_fallback: bool = True,
 ) -> Decision:
     """What to do after a worker exit. Mutates ``history`` (the only state)."""
     what = describe_exit(code, signal_name)
@@ -100,17 +81,17 @@ def decide(
     if code == exitcodes.EX_CONFIG:
         return Decision(Action.GIVE_UP, what)
     if code == exitcodes.EX_NOPERM:
-        if is_primary and has_fallback:
+        if is_primary:
             return Decision(Action.FALLBACK, what)
         return Decision(Action.GIVE_UP, what)
     # A crash.
-    if ran_for_s >= s.stable_after_s:
+    if ran_for_s >= s.stable_after:
         history.attempt = 0  # it had been healthy: a fresh backoff episode
     history.attempt += 1
     history.crashes.append(now)
-    while history.crashes and now - history.crashes[0] > s.flap_window_s:
+    while history.crashes and now - history.crashes[0] > s.flap_window:
         history.crashes.popleft()
-    if is_primary and has_fallback and len(history.crashes) >= s.flap_threshold:
+    if is_primary and len(history.crashes) >= s.flap_threshold:
         return Decision(Action.FALLBACK, f"flapping: {len(history.crashes)} crashes within "
-                                         f"{s.flap_window_s:g} s (last: {what})")
+                                         f"{s.flap_window:g} s (last: {what})")
     return Decision(Action.RESTART, what, delay_for(s, history.attempt), history.attempt)

@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ from zmq.auth.thread import ThreadAuthenticator
 log = logging.getLogger("cnisup.proxy")
 
 INPROC_BUS = "inproc://cnisup-bus"
+#: Milliseconds queued events still try to reach subscribers after the proxy stops.
+XPUB_LINGER_MS = 500
 _CONTROL = "inproc://cnisup-proxy-control"
 
 
@@ -66,8 +69,10 @@ class Proxy:
         self._thread.start()
         if not self._bound.wait(timeout_s):
             raise ProxyError("the proxy did not bind its sockets in time")
-        if self._error is not None:
+        if isinstance(self._error, ProxyError | zmq.ZMQError | OSError):  # a socket that cannot be bound
             raise ProxyError(str(self._error)) from self._error
+        if self._error is not None:
+            raise self._error  # a bug: with its traceback
 
     def _bind(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any], zmq.Socket[Any]]:
         s = self.settings
@@ -79,6 +84,15 @@ class Proxy:
         xsub.setsockopt(zmq.RCVHWM, 0)
         xpub.setsockopt(zmq.SNDHWM, s.hwm)
         control.connect(_CONTROL)
+        self._bind_private(xsub)
+        if s.curve_secret_file:
+            self._curve_server(xpub)
+        self._bind_public(xpub)
+        return xsub, xpub, control
+
+    def _bind_private(self, xsub: zmq.Socket[Any]) -> None:
+        """The workers' side: only the workers' user (and root) may connect."""
+        s = self.settings
         priv = _ipc_path(s.bus_endpoint)
         if priv:
             # Ours, traversable: the socket's own mode decides who connects. (Handing
@@ -93,16 +107,22 @@ class Proxy:
             if s.worker_uid is not None:
                 os.chown(priv, s.worker_uid, -1)
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
-        if s.curve_secret_file:
-            self._auth = ThreadAuthenticator(self.ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=s.curve_authorized_dir)
-            public, secret = zmq.auth.load_certificate(s.curve_secret_file)
-            if secret is None:
-                raise ProxyError(f"{s.curve_secret_file} holds no secret key")
-            xpub.curve_secretkey = secret
-            xpub.curve_publickey = public
-            xpub.curve_server = True
+
+    def _curve_server(self, xpub: zmq.Socket[Any]) -> None:
+        s = self.settings
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=s.curve_authorized_dir)
+        public, secret = zmq.auth.load_certificate(s.curve_secret_file)
+        if secret is None:
+            raise ProxyError(f"{s.curve_secret_file} holds no secret key")
+        xpub.curve_secretkey = secret
+        xpub.curve_publickey = public
+        xpub.curve_server = True
+
+    def _bind_public(self, xpub: zmq.Socket[Any]) -> None:
+        """The subscribers' side: ipc endpoints for members of the workers' group."""
+        s = self.settings
         for ep in s.public_endpoints:
             path = _ipc_path(ep)
             if path:
@@ -112,11 +132,9 @@ class Proxy:
             except zmq.ZMQError as exc:
                 raise ProxyError(f"cannot bind {ep}: {exc}") from exc
             if path:
-                # Members of the workers' group may subscribe; others may not.
                 os.chmod(path, 0o660)
                 if s.worker_gid is not None:
                     os.chown(path, os.geteuid(), s.worker_gid)
-        return xsub, xpub, control
 
     def _run(self) -> None:
         try:
@@ -134,12 +152,17 @@ class Proxy:
             if exc.errno not in (zmq.ETERM, zmq.ENOTSOCK):
                 log.error("proxy stopped: %s", exc)
         finally:
-            for sock in (xsub, xpub, control):
-                sock.close(linger=0)
+            xsub.close(linger=0)
+            control.close(linger=0)
+            # What is queued for subscribers (the last supervisor events) still goes
+            # out, for a bounded time: a subscriber that does not read holds nobody up long.
+            xpub.close(linger=XPUB_LINGER_MS)
 
     def statistics(self) -> dict[str, int]:
-        """Messages and bytes through the proxy (libzmq's STATISTICS command)."""
-        assert self._control is not None
+        """Messages and bytes through the proxy (libzmq's STATISTICS command);
+        a multipart message counts once."""
+        if self._control is None or not self._thread.is_alive():
+            return {}
         self._control.send(b"STATISTICS")
         if not self._control.poll(1000):
             return {}
@@ -149,6 +172,19 @@ class Proxy:
                  "from_subscribers", "from_subscribers_bytes", "to_subscribers",
                  "to_subscribers_bytes")
         return {n: struct.unpack("=Q", f)[0] for n, f in zip(names, frames, strict=False)}
+
+    def flush(self, published: int, timeout_s: float) -> bool:
+        """Wait until the proxy has taken in at least ``published`` messages and
+        passed on everything it took in; False if that did not happen in time.
+        (The proxy has no "drain, then stop" command: its counters tell.)"""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.statistics()
+            if st.get("from_workers", 0) >= published and st.get("to_subscribers", 0) >= st.get("from_workers", 0):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
     def stop(self) -> None:
         if self._control is not None and self._thread.is_alive():

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cnisup.workers.spec import SPEC_ENV, STATUS_FD_ENV, WorkerSpec
+from cnisup.workers.spec import MAX_STATUS_LINE, SPEC_ENV, STATUS_FD_ENV, StatusError, WorkerSpec
 
 #: Environment a worker inherits: nothing else of the supervisor's leaks to an
 #: unprivileged process.
@@ -31,6 +31,7 @@ class Child:
     status_fd: int  #: read end of the worker's status pipe (non-blocking)
     started: float = field(default_factory=time.monotonic)
     buffer: bytes = b""
+    status_open: bool = True  #: False once the worker closed its end: stop polling it
 
     @property
     def pid(self) -> int:
@@ -49,6 +50,23 @@ class Child:
             except ProcessLookupError:
                 pass
             self.signal(signal.SIGKILL)
+
+    def read_status(self) -> list[bytes]:
+        """The complete status lines readable now; ``StatusError`` when the
+        worker sends a line longer than any status line."""
+        try:
+            chunk = os.read(self.status_fd, 65536)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            self.status_open = False
+            return []
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > MAX_STATUS_LINE:
+            self.buffer = b""
+            raise StatusError(f"a status line longer than {MAX_STATUS_LINE} bytes")
+        return lines
 
     def reap(self) -> int:
         """Collect the exit status once the pidfd is readable; no zombie remains."""

@@ -29,8 +29,10 @@ from typing import Any
 import zmq
 
 from cnisup.protocol import envelope
+from cnisup.protocol.settings import Config
+from cnisup.workers.privileges import Identity
 from cnisup.workers.registry import WORKERS
-from cnisup.workers.spec import SPEC_ENV, STATUS_FD_ENV, IdentitySpec, WorkerSpec
+from cnisup.workers.spec import SPEC_ENV, STATUS_FD_ENV, WorkerSpec
 
 _PASS_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")
 
@@ -78,17 +80,22 @@ _MISSING = object()
 
 class WorkerRun:
     def __init__(self, name: str, config: dict[str, Any], *, tmp: Path,
-                 identity: IdentitySpec | None = None, heartbeat_interval_s: float = 1.0,
-                 log_level: str = "info") -> None:
-        info = WORKERS[name]
+                 identity: Identity | None = None, heartbeat_interval_s: float = 1.0,
+                 log_level: str = "info", env: dict[str, str] | None = None) -> None:
+        assert name in WORKERS, name
         self.name = name
         self.tmp = tmp
+        # The partial ``config`` of a test, over the contract's defaults and built
+        # with the same builder the supervisor uses.
+        raw = {"node_name": "test-node", "log_level": log_level, **config}
+        raw["workers"] = {"heartbeat_interval": heartbeat_interval_s, "ready_timeout": 10.0,
+                          "bus_hwm": 10_000, **config.get("workers", {})}
+        self.config = Config.from_dict(raw)
         self.spec = WorkerSpec(
-            name=name, family=info.family, role=info.role, incarnation=envelope.new_incarnation(),
-            node="test-node", supervisor_pid=os.getpid(),
-            bus_endpoint=f"ipc://{tmp}/bus-{os.getpid()}-{id(self)}.sock", log_level=log_level,
-            heartbeat_interval_s=heartbeat_interval_s, ready_timeout_s=10.0, sndhwm=10_000,
-            identity=identity, config=config)
+            name=name, incarnation=envelope.new_incarnation(), supervisor_pid=os.getpid(),
+            bus_endpoint=f"ipc://{tmp}/bus-{os.getpid()}-{id(self)}.sock",
+            identity=identity, config=self.config.to_dict())
+        self.extra_env = env or {}
         self.received: list[Received] = []
         self.status: list[tuple[float, dict[str, Any]]] = []
         self.problems: list[str] = []
@@ -113,7 +120,7 @@ class WorkerRun:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(read_fd, False)
         self._status_fd = read_fd
-        env = {k: v for k, v in os.environ.items() if k in _PASS_ENV}
+        env = {k: v for k, v in os.environ.items() if k in _PASS_ENV} | self.extra_env
         env[SPEC_ENV] = self.spec.to_env()
         env[STATUS_FD_ENV] = str(write_fd)
         with open(self.stderr_path, "wb") as err:

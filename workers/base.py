@@ -1,9 +1,18 @@
-"""The run loop every worker shares: stop flag, heartbeat, status channel.
+"""The contract every worker shares: one loop shape, one wait, one probe.
 
-A worker subclasses ``Worker`` and implements ``run``; it calls
-``ctx.heartbeat()`` from its main loop (at least once per
-``heartbeat_interval_s``), publishes with ``ctx.publish`` and returns when
-``ctx.stopping`` is set. ``ctx.wait(t)`` is the interruptible sleep.
+A worker subclasses ``Worker``, names its ``probe`` in the registry (the same
+function ``cnisup check`` runs; ``python -m cnisup.workers`` runs it before
+the worker is built, and exits 77 with its reason when it fails), and
+implements ``run``, whose loop always has this shape::
+
+    while not ctx.stopping:
+        ready = ctx.wait(my_fds, timeout_s=until_my_next_deadline)
+        ...handle the ready fds and what is due...
+
+``ctx.wait`` is the only place a worker blocks: it sends heartbeats while it
+waits, returns early when a stop is asked (``ctx.stopping`` is then true),
+and otherwise returns the readable fds (empty on timeout). A worker that does
+long work between waits calls ``ctx.heartbeat()`` now and then.
 """
 
 from __future__ import annotations
@@ -15,12 +24,17 @@ import os
 import resource
 import select
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from cnisup.protocol.kinds import MonitorKind
+from cnisup.protocol.settings import Config
 from cnisup.workers.bus import Bus
-from cnisup.workers.spec import WorkerSpec, status_line
+from cnisup.workers.registry import WorkerInfo
+from cnisup.workers.spec import status_line
 
 _PAGE = resource.getpagesize()
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -29,16 +43,17 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 class WorkerContext:
-    def __init__(self, spec: WorkerSpec, bus: Bus, status_fd: int, stop_fd: int) -> None:
-        self.spec = spec
-        self.config = spec.config
+    def __init__(self, info: WorkerInfo, config: Config, bus: Bus, status_fd: int, stop_fd: int) -> None:
+        self.info = info
+        self.config = config
         self.bus = bus
-        self.log = logging.getLogger(f"cnisup.{spec.name}")
-        self.stop_fd = stop_fd  #: readable once SIGTERM arrived; poll it beside your own fds
+        self.log = logging.getLogger(f"cnisup.{info.name}")
+        self._stop_fd = stop_fd  #: readable once SIGTERM arrived
         self._status_fd = status_fd
         self._stopping = False
         self._last_beat = 0.0
         self._info: dict[str, Any] = {}
+        self._describe: Callable[[], dict[str, Any]] | None = None
 
     # -- the bus -----------------------------------------------------------
     def publish(self, kind: str, data: dict[str, Any], ts: int | None = None) -> None:
@@ -47,8 +62,8 @@ class WorkerContext:
     def warn(self, code: str, message: str, **fields: Any) -> None:
         """A problem the worker survived: logged and published as ``monitor.warning``."""
         self.log.warning("%s: %s", code, message)
-        self.publish("monitor.warning", {
-            "family": self.spec.family, "worker": self.spec.name,
+        self.publish(MonitorKind.WARNING, {
+            "family": self.info.family, "worker": self.info.name,
             "code": code, "message": message, **fields,
         })
 
@@ -57,11 +72,21 @@ class WorkerContext:
         """Worker-specific details shown by ``cnisup status``."""
         self._info.update(info)
 
+    def describe(self, fn: Callable[[], dict[str, Any]]) -> None:
+        """Details computed at each heartbeat (state that changes in other threads)."""
+        self._describe = fn
+
+    @property
+    def _beat_every_s(self) -> float:
+        return self.config.workers.heartbeat_interval / 2
+
     def heartbeat(self, *, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_beat < self.spec.heartbeat_interval_s / 2:
+        if not force and now - self._last_beat < self._beat_every_s:
             return
         self._last_beat = now
+        if self._describe is not None:
+            self._info.update(self._describe())
         self.bus.drain()
         self.status("hb", sent=self.bus.sent, dropped=self.bus.dropped,
                     rss=rss_bytes(), info=self._info)
@@ -74,27 +99,43 @@ class WorkerContext:
             if exc.errno not in (errno.EAGAIN, errno.EPIPE):
                 raise
 
-    # -- stopping ----------------------------------------------------------
+    # -- waiting and stopping -------------------------------------------------
     @property
     def stopping(self) -> bool:
         if not self._stopping:
-            r, _, _ = select.select([self.stop_fd], [], [], 0)
+            r, _, _ = select.select([self._stop_fd], [], [], 0)
             self._stopping = bool(r)
         return self._stopping
 
-    def wait(self, timeout_s: float) -> bool:
-        """Sleep up to ``timeout_s``, heartbeating; True as soon as a stop is asked."""
-        deadline = time.monotonic() + timeout_s
+    def wait(self, fds: Iterable[int] = (), timeout_s: float | None = None) -> set[int]:
+        """Block until one of ``fds`` is readable (or hung up), ``timeout_s``
+        passed (None: no timeout) or a stop is asked, heartbeating meanwhile.
+        Returns the ready fds; empty on timeout or stop (then ``stopping``)."""
+        deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        poller = select.poll()
+        poller.register(self._stop_fd, select.POLLIN)
+        watched = set(fds)
+        for fd in watched:
+            poller.register(fd, _READABLE)
         while True:
             self.heartbeat()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return self.stopping
-            step = min(left, self.spec.heartbeat_interval_s / 2)
-            r, _, _ = select.select([self.stop_fd], [], [], step)
-            if r:
+            now = time.monotonic()
+            wake = self._last_beat + self._beat_every_s
+            if deadline is not None:
+                wake = min(wake, deadline)
+            ready = {fd for fd, _ in poller.poll(max(0.0, wake - now) * 1000)}
+            if self._stop_fd in ready:
                 self._stopping = True
-                return True
+                return set()
+            if ready:
+                return ready & watched
+            if deadline is not None and time.monotonic() >= deadline:
+                return set()
+
+    def sleep(self, seconds: float) -> bool:
+        """``wait`` with no fds: True when a stop was asked."""
+        self.wait((), seconds)
+        return self.stopping
 
 
 class Worker(abc.ABC):

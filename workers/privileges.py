@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import pwd
 import signal
 from dataclasses import dataclass
 
@@ -24,6 +25,15 @@ _SYS_CAPSET = {"x86_64": 126, "aarch64": 91, "riscv64": 91, "ppc64le": 184, "s39
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def workers_account(name: str) -> tuple[pwd.struct_passwd, str]:
+    """The account unprivileged workers run as: ``name``, else nobody; and a
+    note when the fallback was taken."""
+    try:
+        return pwd.getpwnam(name), ""
+    except KeyError:
+        return pwd.getpwnam("nobody"), f"user {name!r} does not exist: using nobody"
 
 
 class PrivilegeError(Exception):

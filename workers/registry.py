@@ -1,14 +1,20 @@
 """Which workers exist, per monitor family. Metadata only: importing this
-module does not import any worker's implementation."""
+module imports neither a worker's implementation nor its probe."""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .base import Worker
+    from .probe import ProbeFn
+
+
+def _load(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -17,11 +23,16 @@ class WorkerInfo:
     family: str
     role: str  #: "primary" or "fallback"
     privileged: bool  #: keeps root (kernel family); else drops to the workers user
-    target: str  #: "module:Class"
+    target: str  #: "module:Class" of the worker
+    probe_target: str  #: "module:function" of its probe, importable without the worker's dependencies
 
     def load(self) -> type[Worker]:
-        module, _, cls = self.target.partition(":")
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        cls: type[Worker] = _load(self.target)
+        return cls
+
+    def probe(self) -> ProbeFn:
+        fn: ProbeFn = _load(self.probe_target)
+        return fn
 
 
 @dataclass(frozen=True)
@@ -32,38 +43,33 @@ class Family:
     prefer_key: str  #: config key that says "prefer the primary"
 
 
+def _w(name: str, family: str, role: str, privileged: bool, module: str, cls: str, probe: str) -> WorkerInfo:
+    package = f"cnisup.workers.{family}"
+    return WorkerInfo(name, family, role, privileged, f"{package}.{module}:{cls}", f"{package}.probes:{probe}")
+
+
 FAMILIES: dict[str, Family] = {
     "config": Family(
         name="config",
-        primary=WorkerInfo("inotify", "config", "primary", False,
-                           "cnisup.workers.config.inotify:InotifyWorker"),
-        fallback=WorkerInfo("file-poll", "config", "fallback", False,
-                            "cnisup.workers.config.filepoll:FilePollWorker"),
+        primary=_w("inotify", "config", "primary", False, "inotify", "InotifyWorker", "inotify"),
+        fallback=_w("file-poll", "config", "fallback", False, "filepoll", "FilePollWorker", "file_poll"),
         prefer_key="use_inotify",
     ),
     "kernel": Family(
         name="kernel",
-        primary=WorkerInfo("ebpf", "kernel", "primary", True,
-                           "cnisup.workers.kernel.ebpf:EbpfWorker"),
+        primary=_w("ebpf", "kernel", "primary", True, "ebpf", "EbpfWorker", "ebpf"),
         # Privileged too: /proc/<pid>/environ of plugins run by root (the
         # runtime's CNI_* variables) is readable only with root's ptrace access.
-        fallback=WorkerInfo("proc-poll", "kernel", "fallback", True,
-                            "cnisup.workers.kernel.procpoll:ProcPollWorker"),
+        fallback=_w("proc-poll", "kernel", "fallback", True, "procpoll", "ProcPollWorker", "proc_poll"),
         prefer_key="use_ebpf",
     ),
     "k8s": Family(
         name="k8s",
-        primary=WorkerInfo("k8s-informer", "k8s", "primary", False,
-                           "cnisup.workers.k8s.informer:K8sInformerWorker"),
-        fallback=WorkerInfo("kubectl", "k8s", "fallback", False,
-                            "cnisup.workers.k8s.kubectl:KubectlWorker"),
+        primary=_w("k8s-informer", "k8s", "primary", False, "informer", "K8sInformerWorker", "informer"),
+        fallback=_w("kubectl", "k8s", "fallback", False, "kubectl", "KubectlWorker", "kubectl"),
         prefer_key="use_k8s_informer",
     ),
 }
-
-#: Families named in the configuration contract whose workers this version
-#: does not ship yet; the supervisor says so instead of failing.
-PLANNED_FAMILIES: tuple[str, ...] = ()
 
 WORKERS: dict[str, WorkerInfo] = {
     w.name: w for f in FAMILIES.values() for w in (f.primary, f.fallback)

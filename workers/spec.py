@@ -1,5 +1,10 @@
 """What the supervisor tells a worker at exec time (JSON in an environment
-variable), and the worker-to-supervisor status channel (JSON lines on a pipe)."""
+variable), and the worker-to-supervisor status channel (JSON lines on a pipe).
+
+The worker's settings travel as ``Config.to_dict()`` and are rebuilt on the
+worker's side with the same builder (``Config.from_dict``), so both sides of
+the process boundary hold the same typed, checked configuration.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +13,20 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cnisup.workers.privileges import Identity
+
 SPEC_ENV = "CNISUP_WORKER_SPEC"
 STATUS_FD_ENV = "CNISUP_STATUS_FD"
 
 
 @dataclass(frozen=True)
-class IdentitySpec:
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-    bounding_must_be_empty: bool = True
-
-
-@dataclass(frozen=True)
 class WorkerSpec:
     name: str
-    family: str
-    role: str
     incarnation: str
-    node: str
     supervisor_pid: int
     bus_endpoint: str
-    log_level: str
-    heartbeat_interval_s: float
-    ready_timeout_s: float
-    sndhwm: int
-    identity: IdentitySpec | None  #: None: keep the supervisor's privileges
-    config: dict[str, Any] = field(default_factory=dict)
+    identity: Identity | None  #: None: keep the supervisor's privileges
+    config: dict[str, Any] = field(default_factory=dict)  #: ``Config.to_dict()``
 
     def to_env(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -45,9 +37,73 @@ class WorkerSpec:
         ident = raw.pop("identity")
         if ident is not None:
             ident["groups"] = tuple(ident["groups"])
-            ident = IdentitySpec(**ident)
+            ident = Identity(**ident)
         return cls(identity=ident, **raw)
+
+
+# -- the status channel: worker -> supervisor ------------------------------------------
+
+#: Bytes of one status line; a worker sends a few hundred. More is not a status line.
+MAX_STATUS_LINE = 256 << 10
+#: Nesting of a heartbeat's ``info`` (shown by ``cnisup status``).
+MAX_INFO_DEPTH = 8
+#: Characters of an exit reason kept.
+MAX_REASON = 2000
+
+
+class StatusError(ValueError):
+    """A status line that breaks the protocol: the worker is not to be trusted."""
 
 
 def status_line(kind: str, **fields: Any) -> bytes:
     return (json.dumps({"t": kind, **fields}, separators=(",", ":")) + "\n").encode()
+
+
+def _count(msg: dict[str, Any], key: str) -> int:
+    value = msg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StatusError(f"{key!r} is {value!r}, not a count")
+    return value
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """Is ``value`` nested at most ``limit`` levels deep?"""
+    if limit < 0:
+        return False
+    if isinstance(value, dict):
+        return all(_depth(v, limit - 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_depth(v, limit - 1) for v in value)
+    return True
+
+
+def parse_status(line: bytes) -> dict[str, Any]:
+    """One status line, checked for size, shape and types (workers are the
+    unprivileged, exposed half of the design). Returns a normalized message:
+    ``{"t": "ready", "pid"}``, ``{"t": "hb", "sent", "dropped", "rss", "info"}``
+    or ``{"t": "exit", "code", "reason"}``. Raises ``StatusError``."""
+    if len(line) > MAX_STATUS_LINE:
+        raise StatusError(f"a status line of {len(line)} bytes (at most {MAX_STATUS_LINE})")
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise StatusError(f"not a JSON status line: {str(exc)[:100]}") from None
+    if not isinstance(msg, dict):
+        raise StatusError(f"a status line is a JSON object, not {type(msg).__name__}")
+    kind = msg.get("t")
+    if kind == "ready":
+        return {"t": "ready", "pid": _count(msg, "pid")}
+    if kind == "hb":
+        rss, info = msg.get("rss"), msg.get("info", {})
+        if rss is not None:
+            rss = _count(msg, "rss")
+        if not isinstance(info, dict) or not _depth(info, MAX_INFO_DEPTH):
+            raise StatusError(f"'info' is not an object nested at most {MAX_INFO_DEPTH} deep")
+        return {"t": "hb", "sent": _count(msg, "sent"), "dropped": _count(msg, "dropped"), "rss": rss,
+                "info": info}
+    if kind == "exit":
+        reason = msg.get("reason", "")
+        if not isinstance(reason, str):
+            raise StatusError(f"'reason' is {type(reason).__name__}, not a string")
+        return {"t": "exit", "code": _count(msg, "code"), "reason": reason[:MAX_REASON]}
+    raise StatusError(f"unknown status message type {str(kind)[:40]!r}")

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from harness import WorkerRun
 
-from cnisup.workers.spec import IdentitySpec
+from cnisup.workers.privileges import Identity
 
 WORKERS = ("inotify", "file-poll")
 POLL_S = 0.3  #: file-poll interval in these tests
@@ -36,9 +36,9 @@ WAIT_S = 5.0
 Start = Callable[..., WorkerRun]
 
 
-def nobody() -> IdentitySpec:
+def nobody() -> Identity:
     pw = pwd.getpwnam("nobody")
-    return IdentitySpec(uid=pw.pw_uid, gid=pw.pw_gid)
+    return Identity(uid=pw.pw_uid, gid=pw.pw_gid)
 
 
 def sha(data: bytes) -> str:
@@ -68,7 +68,7 @@ def write(path: Path, data: bytes, *, old: bool = False, mode: int | None = None
 class Node:
     """Conf and bin dirs of one test, and the worker that watches them."""
 
-    def __init__(self, worker: str, tmp: Path, start: Start, identity: IdentitySpec | None) -> None:
+    def __init__(self, worker: str, tmp: Path, start: Start, identity: Identity | None) -> None:
         self.worker, self.tmp, self._start, self.identity = worker, tmp, start, identity
         self.conf = tmp / "net.d"
         self.conf2 = tmp / "conf.d"
@@ -113,7 +113,7 @@ def node(request: pytest.FixtureRequest, world_tmp: Path, start_worker: Start) -
 def assert_heartbeats(run: WorkerRun) -> None:
     """The worker never blocked (a FIFO, a big file) longer than it may."""
     gaps = run.heartbeat_gaps(more=2)
-    assert len(gaps) >= 2 and max(gaps) < run.spec.heartbeat_interval_s * 1.5, gaps
+    assert len(gaps) >= 2 and max(gaps) < run.config.workers.heartbeat_interval * 1.5, gaps
 
 
 def about(run: WorkerRun, path: Path, since: int, until: int | None = None) -> list[str]:

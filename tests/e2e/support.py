@@ -36,7 +36,7 @@ class Events:
     for sequence holes, which fail the test unless ``allow_gaps``."""
 
     def __init__(self, endpoint: str, *, topics: tuple[str, ...] = ("",), rcvhwm: int = 0) -> None:
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)

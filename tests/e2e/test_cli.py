@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -203,7 +204,7 @@ def test_tail_reports_gaps(tmp_path: Path) -> None:
     import zmq
 
     from cnisup.protocol import envelope
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     pub = ctx.socket(zmq.XPUB)
     ep = f"ipc://{tmp_path}/gap.sock"
     pub.bind(ep)

@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ def monitor(request: pytest.FixtureRequest, base: Path) -> Iterator[tuple[Cnisup
         assert c.stop() == 0
 
 
-def only(ev: Events, kind: str, quiet_s: float = 1.0) -> list[dict]:
+def only(ev: Events, kind: str, quiet_s: float = 1.0) -> list[dict[str, Any]]:
     return [e for e in ev.drain(quiet_s) if e["kind"] == kind]
 
 
@@ -217,15 +218,15 @@ def test_bad_input_is_reported_and_the_worker_survives(monitor: tuple[Cnisup, Ev
     fifo = c.conf_dir / "h-fifo.conf"
     os.mkfifo(fifo)
     want = {str(c.conf_dir / n) for n in cases} | {str(p) for p in (big, loop, dangling, fifo)}
-    got: dict[str, dict] = {}
+    got: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + 15
     while set(got) != want and time.monotonic() < deadline:
         for e in ev.drain(0.5):  # in whatever order the worker saw them
             if e["kind"] == "cni.config.created":
                 got[e["data"]["path"]] = e["data"]
     assert set(got) == want
-    for path, data in got.items():
-        assert data["valid"] is False and data["error"], (path, data)
+    for path, reported in got.items():
+        assert reported["valid"] is False and reported["error"], (path, reported)
     huge = got[str(big)]
     assert "too large" in huge["error"] and "sha256" not in huge and huge["size"] == 100 * 1024 * 1024
     assert "loop" in got[str(loop)]["error"].lower() or "symbolic" in got[str(loop)]["error"].lower()

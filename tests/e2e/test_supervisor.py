@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from cnisup.workers import privileges
 from .support import CNISUP, Cnisup, children_of, cpu_seconds, pid_alive, proc_state, worker_user
 
 
-def _running(c: Cnisup, worker: str = "inotify") -> dict:
+def _running(c: Cnisup, worker: str = "inotify") -> dict[str, Any]:
     return c.wait_worker(worker=worker, state="running")
 
 
@@ -66,7 +67,7 @@ def test_crash_loop_backs_off_then_falls_back_then_restores(base: Path) -> None:
     ev = c.subscribe()
     c.start()
     try:
-        delays = []
+        delays: list[float] = []
         pid = _running(c)["pid"]
         for i in range(3):
             if i:
@@ -258,7 +259,7 @@ def test_slow_subscriber_loses_only_its_own_events(base: Path) -> None:
         fast.wait("supervisor.worker.ready")
         for i in range(n):
             (c.conf_dir / f"f{i:05}.conf").write_text(f'{{"name":"n{i}","type":"bridge"}}')
-        got = set()
+        got: set[str] = set()
         deadline = time.monotonic() + 60
         while len(got) < n and time.monotonic() < deadline:
             env = fast._recv(5)

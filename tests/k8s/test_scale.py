@@ -18,7 +18,7 @@ import pytest
 from e2e.support import children_of
 from harness import WorkerRun
 
-from cnisup.workers.spec import IdentitySpec
+from cnisup.workers.privileges import Identity
 
 from . import objects as o
 from .apiserver import ApiServer
@@ -41,11 +41,11 @@ def _rss_kib(pid: int) -> dict[str, int]:
                 if k in ("VmRSS", "RssAnon")}
 
 
-def _identity() -> IdentitySpec | None:
+def _identity() -> Identity | None:
     if os.geteuid() != 0:
         return None
     nobody = pwd.getpwnam("nobody")
-    return IdentitySpec(nobody.pw_uid, nobody.pw_gid)
+    return Identity(nobody.pw_uid, nobody.pw_gid)
 
 
 def _config(kubeconfig: Path | str, scope: str = "node") -> dict[str, Any]:
@@ -75,7 +75,7 @@ def _settled(run: WorkerRun, resource: str, cached: int, timeout_s: float = 30.0
     """The worker's status once ``resource`` has ``cached`` objects and it is idle."""
     def ok(s: dict[str, Any]) -> bool:
         r = (s.get("info") or {}).get("resources", {}).get(resource, {})
-        return s["t"] == "hb" and r.get("cached") == cached and r.get("state", "watching") == "watching"
+        return bool(s["t"] == "hb" and r.get("cached") == cached and r.get("state", "watching") == "watching")
     return run.wait_status(ok, timeout_s=timeout_s)
 
 

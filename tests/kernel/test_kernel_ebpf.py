@@ -20,12 +20,20 @@ from typing import Any
 
 import pytest
 from cni import delete_link, netns, run_chain, run_plugin
-from conftest import cpu_s, latest_info, needs_plugins, needs_root, rss_kib, start_module_worker, stop_module_worker
 from harness import WorkerRun
+from kernel_support import (
+    cpu_s,
+    latest_info,
+    needs_plugins,
+    needs_root,
+    rss_kib,
+    start_module_worker,
+    stop_module_worker,
+)
 
 from cnisup.workers.kernel import ebpf as ebpf_worker
 from cnisup.workers.kernel import features
-from cnisup.workers.spec import IdentitySpec
+from cnisup.workers.privileges import Identity
 
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
 
@@ -331,7 +339,7 @@ def test_without_privileges_exits_77_with_the_reason(bin_dir: Path, kernel_tmp: 
     supervisor then starts proc-poll) and a reason naming what is missing."""
     pw = pwd.getpwnam("nobody")
     run = WorkerRun("ebpf", {"cni": {"bin_dirs": [str(bin_dir)]}}, tmp=kernel_tmp,
-                    identity=IdentitySpec(uid=pw.pw_uid, gid=pw.pw_gid))
+                    identity=Identity(uid=pw.pw_uid, gid=pw.pw_gid))
     try:
         run.start(ready_timeout_s=30)
         assert run.wait_exit(30) == 77
@@ -365,7 +373,8 @@ def test_program_loads_without_any_optional_tracepoint() -> None:
     optional probe compiled out, no sched_process_exit group_dead."""
     from bcc import BPF
 
-    bpf = BPF(src_file=str(ebpf_worker.BPF_SOURCE).encode(), cflags=["-DRINGBUF_PAGES=64"])
+    bpf = BPF(src_file=str(ebpf_worker.BPF_SOURCE).encode(),
+              cflags=ebpf_worker.build_flags([], group_dead=False, ringbuf_pages=64))
     try:
         assert bpf.num_open_tracepoints() == len(features.REQUIRED)
     finally:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from cni import delete_link, netns, run_plugin
-from conftest import needs_plugins, needs_root, start_module_worker, stop_module_worker
 from harness import WorkerRun
+from kernel_support import needs_plugins, needs_root, start_module_worker, stop_module_worker
 
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
 

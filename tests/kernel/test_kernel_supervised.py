@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from cni import netns, run_plugin
-from conftest import needs_plugins, needs_root
 from e2e.support import CNISUP, Cnisup
 from harness import world_dir
+from kernel_support import needs_plugins, needs_root
 
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
 

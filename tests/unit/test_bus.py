@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -13,7 +14,7 @@ from cnisup.workers.bus import Bus, BusNotReady
 
 
 def test_ready_only_after_the_proxy_subscribes(tmp_path: Path) -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     ep = f"ipc://{tmp_path}/bus.sock"
     bus = Bus(ep, envelope.Stamp("inotify", "n", "i"), context=ctx)
     with pytest.raises(BusNotReady):
@@ -33,7 +34,7 @@ def test_ready_only_after_the_proxy_subscribes(tmp_path: Path) -> None:
 
 
 def test_never_blocks_and_counts_drops_at_the_high_water_mark(tmp_path: Path) -> None:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     ep = f"ipc://{tmp_path}/bus.sock"
     xsub = ctx.socket(zmq.XSUB)
     xsub.setsockopt(zmq.RCVHWM, 10)

@@ -53,3 +53,40 @@ def test_runtime_dir_placeholder(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, f"runtime_dir: {tmp_path}\npublish:\n  endpoints: ['ipc://{{runtime_dir}}/x.sock']\n")
     assert cfg.publish.endpoints == [f"ipc://{tmp_path}/x.sock"]
     assert cfg.bus_endpoint == f"ipc://{tmp_path}/private/bus.sock"
+
+
+def test_units_in_the_type_accept_numbers_and_strings_with_units(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, "restart:\n  reprobe_interval: 5m\n  initial_delay: 250ms\n"
+                              "cni:\n  max_config_size: 2MiB\n  max_binary_size: 1GB\n")
+    assert cfg.restart.reprobe_interval == 300.0 and cfg.restart.initial_delay == 0.25
+    assert cfg.cni.max_config_size == 2 << 20 and cfg.cni.max_binary_size == 10**9
+    assert isinstance(cfg.cni.max_config_size, int)
+    for bad, key in (("restart:\n  max_delay: 5 parsecs\n", r"restart\.max_delay"),
+                     ("cni:\n  max_config_size: 1.5B\n", r"cni\.max_config_size"),
+                     ("cni:\n  max_config_size: 10s\n", r"cni\.max_config_size"),
+                     ("restart:\n  jitter: true\n", r"restart\.jitter")):
+        with pytest.raises(config.ConfigError, match=key):
+            load_text(tmp_path, bad)
+
+
+def test_constraints_live_with_their_fields(tmp_path: Path) -> None:
+    for text, key in (("restart:\n  multiplier: 0.5\n", "restart.multiplier"),
+                      ("workers:\n  bus_hwm: 0\n", "workers.bus_hwm"),
+                      ("workers:\n  stop_grace: -1\n", "workers.stop_grace"),
+                      ("cni:\n  conf_dirs: []\n", "cni.conf_dirs"),
+                      ("cni:\n  bin_dirs: ['/ok', 'relative']\n", "cni.bin_dirs[1]"),
+                      ("kubernetes:\n  pod_scope: galaxy\n", "kubernetes.pod_scope"),
+                      ("log_level: chatty\n", "log_level"),
+                      ("runtime_dir: run/cnisup\n", "runtime_dir"),
+                      ("publish:\n  endpoints: ['ipc:///a', 'ipc:///a']\n", "publish.endpoints"),
+                      ("control:\n  endpoint: 'udp://x'\n", "control.endpoint")):
+        with pytest.raises(config.ConfigError) as e:
+            load_text(tmp_path, text)
+        assert e.value.key == key, (text, e.value)
+
+
+def test_workers_rebuild_the_same_config_from_its_dict() -> None:
+    cfg = config.load(None, preset="production", environ={"NODE_NAME": "n1"})
+    again = config.Config.from_dict(cfg.to_dict())
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert config.Config.from_dict(config.Config().to_dict()) == config.Config()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from cnisup.supervisor.policy import Action, History, RestartSettings, decide, delay_for
+from cnisup.protocol.settings import Restart
+from cnisup.supervisor.policy import Action, Decision, History, decide, delay_for
 
-S = RestartSettings(initial_delay_s=0.5, multiplier=2.0, max_delay_s=8.0, jitter_s=0.0,
-                    stable_after_s=30.0, flap_threshold=3, flap_window_s=60.0)
+S = Restart(initial_delay=0.5, multiplier=2.0, max_delay=8.0, jitter=0.0, stable_after=30.0,
+            flap_threshold=3, flap_window=60.0)
 
 
 def crash(h: History, now: float, *, ran_for: float = 1.0, primary: bool = False, code: int | None = 1,
-          sig: str | None = None, stopping: bool = False):  # type: ignore[no-untyped-def]
+          sig: str | None = None, stopping: bool = False) -> Decision:
     return decide(S, h, code=code, signal_name=sig, ran_for_s=ran_for, now=now,
                   is_primary=primary, stopping=stopping)
 
@@ -19,7 +20,7 @@ def test_delays_grow_exponentially_and_are_capped() -> None:
 
 
 def test_jitter_is_bounded_and_varies() -> None:
-    s = RestartSettings(initial_delay_s=1.0, jitter_s=0.5, max_delay_s=100)
+    s = Restart(initial_delay=1.0, jitter=0.5, max_delay=100)
     samples = [delay_for(s, 3) for _ in range(200)]
     assert all(4.0 <= d <= 4.5 for d in samples)
     assert len(set(samples)) > 100

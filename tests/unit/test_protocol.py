@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -52,7 +53,9 @@ def test_schema_rejects_wrong_data() -> None:
 
 def test_gap_detector() -> None:
     g = GapDetector()
-    mk = lambda inc, seq: {"source": "s", "incarnation": inc, "seq": seq}
+    def mk(inc: str, seq: int) -> dict[str, Any]:
+        return {"source": "s", "incarnation": inc, "seq": seq}
+
     assert g.observe(mk("a", 5)) is None  # joined late: not a gap
     assert g.observe(mk("a", 6)) is None
     gap = g.observe(mk("a", 9))
@@ -64,3 +67,16 @@ def test_every_kind_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
     for kind in kinds.KINDS:
         assert f"| `{kind}` |" in doc, f"{kind} missing from docs/PROTOCOL.md"
+
+
+def test_every_kind_is_a_family_constant_and_every_constant_is_described() -> None:
+    constants = {k for enum in (kinds.SupervisorKind, kinds.MonitorKind, kinds.ConfigKind, kinds.KernelKind,
+                                kinds.K8sKind) for k in enum}
+    assert set(kinds.KINDS) == constants
+    assert all(envelope.valid_kind(k) for k in constants)
+
+
+def test_a_misspelt_kind_does_not_validate() -> None:
+    env = envelope.Stamp("ebpf", "n", envelope.new_incarnation()).build("cni.plugin.startd", {})
+    with pytest.raises(jsonschema.ValidationError):
+        validation.validate(env)

@@ -17,11 +17,12 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cnisup.workers.errors import WorkerConfigError
+from cnisup.protocol.kinds import ConfigKind
+from cnisup.protocol.settings import Cni
 
 #: What ``libcni.ConfFiles`` lists, as containerd and CRI-O call it.
 CONF_EXTENSIONS = frozenset({".conf", ".conflist", ".json"})
@@ -36,8 +37,15 @@ MAX_HOLD_S = 10.0
 #: Bytes read between heartbeats while hashing (a 256 MiB binary is 256 reads).
 CHUNK = 1 << 20
 
-CONFIG = "cni.config"
-BINARY = "cni.plugin_binary"
+#: What a path is: a network config, or a plugin binary (a path may be both).
+CONFIG = "config"
+BINARY = "binary"
+_KIND = {
+    (CONFIG, "discovered"): ConfigKind.CONFIG_DISCOVERED, (CONFIG, "created"): ConfigKind.CONFIG_CREATED,
+    (CONFIG, "modified"): ConfigKind.CONFIG_MODIFIED, (CONFIG, "deleted"): ConfigKind.CONFIG_DELETED,
+    (BINARY, "discovered"): ConfigKind.BINARY_DISCOVERED, (BINARY, "created"): ConfigKind.BINARY_CREATED,
+    (BINARY, "modified"): ConfigKind.BINARY_MODIFIED, (BINARY, "deleted"): ConfigKind.BINARY_DELETED,
+}
 
 
 class Sink(Protocol):
@@ -48,37 +56,6 @@ class Sink(Protocol):
     def heartbeat(self) -> None: ...
     @property
     def stopping(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Settings:
-    conf_dirs: tuple[str, ...]  #: the first is the one a runtime loads from
-    bin_dirs: tuple[str, ...]
-    max_config_size: int = 1 << 20
-    max_binary_size: int = 256 << 20
-    file_poll_interval_s: float = 30.0
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Settings:
-        cni = config.get("cni", {})
-        dirs: dict[str, tuple[str, ...]] = {}
-        for key in ("conf_dirs", "bin_dirs"):
-            raw = cni.get(key, [])
-            for i, d in enumerate(raw):
-                if not isinstance(d, str) or not os.path.isabs(d):
-                    raise WorkerConfigError(f"cni.{key}[{i}]", f"{d!r} is not an absolute path")
-            dirs[key] = _unique(os.path.normpath(d) for d in raw)
-        interval = float(config.get("fallback", {}).get("file_poll_interval", 30.0))
-        if interval <= 0:
-            raise WorkerConfigError("fallback.file_poll_interval", "must be > 0")
-        return cls(conf_dirs=dirs["conf_dirs"], bin_dirs=dirs["bin_dirs"],
-                   max_config_size=int(cni.get("max_config_size", 1 << 20)),
-                   max_binary_size=int(cni.get("max_binary_size", 256 << 20)),
-                   file_poll_interval_s=interval)
-
-    @property
-    def dirs(self) -> tuple[str, ...]:
-        return _unique((*self.conf_dirs, *self.bin_dirs))
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -373,13 +350,15 @@ class _Due:
 class Engine:
     """Per-path state, diff and schedule of one config-family worker."""
 
-    def __init__(self, sink: Sink, settings: Settings) -> None:
+    def __init__(self, sink: Sink, cni: Cni) -> None:
         self.sink = sink
-        self.settings = settings
-        self.dirs = settings.dirs
-        self._conf_dirs = frozenset(settings.conf_dirs)
-        self._bin_dirs = frozenset(settings.bin_dirs)
-        self._first_conf = settings.conf_dirs[0] if settings.conf_dirs else None
+        self.cni = cni
+        conf_dirs = _unique(os.path.normpath(d) for d in cni.conf_dirs)
+        bin_dirs = _unique(os.path.normpath(d) for d in cni.bin_dirs)
+        self.dirs = _unique((*conf_dirs, *bin_dirs))
+        self._conf_dirs = frozenset(conf_dirs)
+        self._bin_dirs = frozenset(bin_dirs)
+        self._first_conf = conf_dirs[0] if conf_dirs else None
         self._records: dict[tuple[str, str], _Record] = {}
         self._due: dict[str, _Due] = {}
         self._initial = True
@@ -422,7 +401,7 @@ class Engine:
             age_s = (time.time_ns() - seen.st.st_mtime_ns) / 1e9
             if 0 <= age_s < QUIET_S:  # a future mtime (clock skew) is not waited for
                 return QUIET_S - age_s
-        cap = self.settings.max_config_size if kind == CONFIG else self.settings.max_binary_size
+        cap = self.cni.max_config_size if kind == CONFIG else self.cni.max_binary_size
         try:
             content = read(path, seen, cap=cap, keep=kind == CONFIG, tick=self.sink.heartbeat)
         except Vanished:
@@ -434,11 +413,11 @@ class Engine:
             dir=d, key=seen.key, dedupe=dedupe, sha256=content.sha256, is_link=seen.is_link,
             valid=bool(data.get("valid")), network=data.get("network"))
         if rec is None:
-            self.sink.publish(f"{kind}.{'discovered' if self._initial else 'created'}", data)
+            self.sink.publish(_KIND[kind, "discovered" if self._initial else "created"], data)
         elif rec.dedupe != dedupe:
             if rec.sha256:
                 data["previous_sha256"] = rec.sha256
-            self.sink.publish(f"{kind}.modified", data)
+            self.sink.publish(_KIND[kind, "modified"], data)
         else:
             return None
         if kind == CONFIG and d == self._first_conf:
@@ -457,7 +436,7 @@ class Engine:
             data["previous_sha256"] = rec.sha256
         if rec.network:
             data["network"] = rec.network
-        self.sink.publish(f"{kind}.deleted", data)
+        self.sink.publish(_KIND[kind, "deleted"], data)
         if kind == CONFIG and d == self._first_conf:
             self._update_active()
 
@@ -520,7 +499,7 @@ class Engine:
                                 "initial": initial}
         if network is not None:
             data["network"] = network
-        self.sink.publish(f"{CONFIG}.active_changed", data)
+        self.sink.publish(ConfigKind.CONFIG_ACTIVE_CHANGED, data)
 
     # -- deferred looks -----------------------------------------------------------
     def schedule(self, path: str, delay_s: float, *, hold: bool = False, push: bool = False,

@@ -12,20 +12,20 @@ from __future__ import annotations
 import time
 
 from cnisup.workers.base import Worker
-from cnisup.workers.config.events import Engine, Settings, shown
+from cnisup.workers.config.events import Engine, shown
 
 
 class FilePollWorker(Worker):
     def run(self) -> None:
         ctx = self.ctx
-        settings = Settings.from_config(ctx.config)
-        engine = Engine(ctx, settings)
-        interval = settings.file_poll_interval_s
+        engine = Engine(ctx, ctx.config.cni)
+        interval = ctx.config.fallback.file_poll_interval
         ctx.set_info(polled_dirs=[shown(d) for d in engine.dirs], poll_interval_s=interval)
-        if not engine.initial_scan(ctx.wait):
+        if not engine.initial_scan(ctx.sleep):
             return
         next_tick = time.monotonic() + interval
         while not ctx.stopping:
+            ctx.wait(timeout_s=min(next_tick, engine.next_due() or next_tick) - time.monotonic())
             if time.monotonic() >= next_tick:
                 for d in engine.dirs:
                     engine.scan_dir(d, hold_fresh=True, use_cache=True)
@@ -34,6 +34,3 @@ class FilePollWorker(Worker):
                     next_tick = time.monotonic() + interval
             engine.run_due()
             ctx.set_info(files_known=engine.files_known)
-            wake = min(next_tick, engine.next_due() or next_tick)
-            if ctx.wait(max(0.0, wake - time.monotonic())):
-                return

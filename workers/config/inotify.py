@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
-import select
 import stat
 import time
 from dataclasses import dataclass
@@ -33,7 +31,8 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from cnisup.workers.base import Worker, WorkerContext
-from cnisup.workers.config.events import QUIET_S, SETTLE_S, Engine, Settings, shown
+from cnisup.workers.config.events import QUIET_S, SETTLE_S, Engine, shown
+from cnisup.workers.config.probes import init_failure, inotify_limits
 from cnisup.workers.errors import CapabilityMissing
 
 _DIR_MASK = (flags.CREATE | flags.DELETE | flags.MODIFY | flags.CLOSE_WRITE | flags.ATTRIB
@@ -47,14 +46,6 @@ _NAME_GONE_OR_NEW = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED
 RESCAN_MIN_S = 60.0
 #: A path that keeps appearing and vanishing while we resolve it is polled instead.
 _MAX_RESOLVE_STEPS = 64
-
-
-def read_limit(name: str) -> int | None:
-    try:
-        with open(f"/proc/sys/fs/inotify/{name}") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
 
 
 def _next_name(ancestor: str, d: str) -> str:
@@ -81,10 +72,9 @@ class _Target:
 class InotifyWorker(Worker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
-        self.settings = Settings.from_config(ctx.config)
-        self.engine = Engine(ctx, self.settings)
-        self.limits = {n: read_limit(n) for n in ("max_user_watches", "max_user_instances",
-                                                  "max_queued_events")}
+        self.poll_interval = ctx.config.fallback.file_poll_interval
+        self.engine = Engine(ctx, ctx.config.cni)
+        self.limits = inotify_limits()
         self._targets = {d: _Target() for d in self.engine.dirs}
         self._path_wd: dict[str, int] = {}
         self._wd_paths: dict[int, set[str]] = {}
@@ -97,34 +87,26 @@ class InotifyWorker(Worker):
         ctx.set_info(**self.limits)
         try:
             self._ino = INotify(nonblocking=True)
-        except OSError as exc:
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            raise CapabilityMissing(
-                f"inotify_init1 failed: {exc.strerror} ({errno.errorcode.get(exc.errno or 0, exc.errno)}); "
-                f"fs.inotify.max_user_instances={self.limits['max_user_instances']} (per user, all its "
-                f"processes), fs.inotify.max_user_watches={self.limits['max_user_watches']}, "
-                f"RLIMIT_NOFILE={soft}/{hard}") from exc
+        except OSError as exc:  # the probe succeeded a moment ago: another process took the last one
+            raise CapabilityMissing(init_failure(exc, self.limits)) from exc
         with self._ino:
             for d in self.engine.dirs:
                 self._resolve(d, scan=False)  # the initial scan follows, after every watch
-            if self.engine.initial_scan(ctx.wait):
+            if self.engine.initial_scan(ctx.sleep):
                 self._loop()
 
     def _loop(self) -> None:
         ctx, engine = self.ctx, self.engine
-        interval = self.settings.file_poll_interval_s
+        interval = self.poll_interval
         now = time.monotonic()
         next_poll, next_rescan = now + interval, now + max(RESCAN_MIN_S, interval)
         fd = self._ino.fileno()
         while not ctx.stopping:
-            ctx.heartbeat()
             self._set_info()
             wakes = [next_rescan, engine.next_due() or next_rescan]
             if self._polled():
                 wakes.append(next_poll)
-            timeout = min(max(0.0, min(wakes) - time.monotonic()), ctx.spec.heartbeat_interval_s / 2)
-            ready, _, _ = select.select([fd, ctx.stop_fd], [], [], timeout)
-            if fd in ready:
+            if ctx.wait([fd], timeout_s=min(wakes) - time.monotonic()):
                 self._handle(self._ino.read(timeout=0))
             now = time.monotonic()
             if now >= next_rescan:
@@ -252,7 +234,7 @@ class InotifyWorker(Worker):
     def _poll(self, d: str, err: int) -> None:
         t = self._targets[d]
         t.mode, t.ancestor, t.ident = "polled", None, None
-        every = f"polling it every {self.settings.file_poll_interval_s:g} s"
+        every = f"polling it every {self.poll_interval:g} s"
         if err == errno.ENOSPC:
             code = "inotify_watch_limit"
             message = (f"cannot watch {shown(d)}: fs.inotify.max_user_watches="

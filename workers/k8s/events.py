@@ -19,17 +19,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cnisup.workers.errors import CapabilityMissing, WorkerConfigError
+from cnisup.protocol.kinds import K8sKind
+from cnisup.protocol.settings import Config
+from cnisup.workers import backoff
+from cnisup.workers.errors import CapabilityMissing
 
 Obj = Mapping[str, Any]
 Slim = dict[str, Any]
 #: ``emit(kind, data)``: where a tracker's events go (a queue, the bus).
 Emit = Callable[[str, dict[str, Any]], None]
-
-#: Seconds without a byte on a watch (event or bookmark) before the connection
-#: counts as dead. API servers send a bookmark about every minute to watchers
-#: that asked for them, so 90 s never fires on a healthy idle watch.
-DEFAULT_READ_TIMEOUT_S = 90.0
 
 _SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -80,28 +78,18 @@ def locate(configured: str, environ: Mapping[str, str] | None = None) -> Access:
                             + "; ".join(tried))
 
 
-@dataclass(frozen=True)
-class Settings:
-    node: str
-    kubeconfig: str = ""
-    pod_scope: str = "node"  #: "node": pods of ``node`` only; "cluster": all pods
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+#: Reconnect backoff of both workers: 0.25 s doubling to 30 s, plus up to 0.5 s jitter.
+_RECONNECT = backoff.exponential(initial_s=0.25, multiplier=2.0, max_s=30.0, jitter_s=0.5)
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], node: str) -> Settings:
-        k = config.get("kubernetes", {})
-        scope = k.get("pod_scope", "node")
-        if scope not in ("node", "cluster"):
-            raise WorkerConfigError("kubernetes.pod_scope", f"must be node or cluster, got {scope!r}")
-        read_timeout = float(k.get("read_timeout", DEFAULT_READ_TIMEOUT_S))
-        if read_timeout <= 0:
-            raise WorkerConfigError("kubernetes.read_timeout", "must be > 0")
-        return cls(node=node, kubeconfig=k.get("kubeconfig") or "", pod_scope=scope,
-                   read_timeout_s=read_timeout)
 
-    @property
-    def pod_field_selector(self) -> str:
-        return f"spec.nodeName={self.node}" if self.pod_scope == "node" else ""
+def reconnect_delay_s(attempt: int) -> float:
+    """Delay before reconnect (or kubectl restart) number ``attempt`` (1-based) of an error streak."""
+    return backoff.delay_s(_RECONNECT, attempt)
+
+
+def pod_field_selector(cfg: Config) -> str:
+    """Pods of this node only, unless ``kubernetes.pod_scope`` is cluster."""
+    return f"spec.nodeName={cfg.node_name}" if cfg.kubernetes.pod_scope == "node" else ""
 
 
 # -- CNI plugin detection ----------------------------------------------------------------------
@@ -296,13 +284,13 @@ def diff_pod(old: Slim | None, new: Slim | None, *, initial: bool = False) -> Ev
     has = bool(new and new["ips"])
     if had and old is not None and (not has or new is None or new["uid"] != old["uid"]):
         reason = "deleted" if new is None or new["uid"] != old["uid"] else "released"
-        out.append(("k8s.pod.ip_released", {**old, "reason": reason}))
+        out.append((K8sKind.POD_IP_RELEASED, {**old, "reason": reason}))
         had = False
     if has and new is not None:
         if not had:
-            out.append(("k8s.pod.ip_allocated", {**new, "initial": True} if initial else new))
+            out.append((K8sKind.POD_IP_ALLOCATED, {**new, "initial": True} if initial else new))
         elif old is not None and old["ips"] != new["ips"]:
-            out.append(("k8s.pod.ip_changed", {**new, "previous_ips": old["ips"]}))
+            out.append((K8sKind.POD_IP_CHANGED, {**new, "previous_ips": old["ips"]}))
     return out
 
 
@@ -310,25 +298,25 @@ def _changed(old: Slim, new: Slim) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def _crud(prefix: str) -> Callable[..., Events]:
+def _crud(added: K8sKind, modified: K8sKind, deleted: K8sKind) -> Callable[..., Events]:
     def diff(old: Slim | None, new: Slim | None, *, initial: bool = False) -> Events:
         if old is None and new is not None:
-            return [(f"{prefix}.added", {**new, "initial": True} if initial else new)]
+            return [(added, {**new, "initial": True} if initial else new)]
         if old is not None and new is None:
-            return [(f"{prefix}.deleted", old)]
+            return [(deleted, old)]
         if old is not None and new is not None and old != new:
-            return [(f"{prefix}.modified", {**new, "changed": _changed(old, new)})]
+            return [(modified, {**new, "changed": _changed(old, new)})]
         return []
     return diff
 
 
 def diff_node(old: Slim | None, new: Slim | None, *, initial: bool = False) -> Events:
     if new is None:
-        return [("k8s.node.network_changed", {**old, "deleted": True})] if old is not None else []
+        return [(K8sKind.NODE_NETWORK_CHANGED, {**old, "deleted": True})] if old is not None else []
     if old is None:
-        return [("k8s.node.network_changed", {**new, "changed": [], **({"initial": True} if initial else {})})]
+        return [(K8sKind.NODE_NETWORK_CHANGED, {**new, "changed": [], **({"initial": True} if initial else {})})]
     if old != new:
-        return [("k8s.node.network_changed", {**new, "changed": _changed(old, new)})]
+        return [(K8sKind.NODE_NETWORK_CHANGED, {**new, "changed": _changed(old, new)})]
     return []
 
 
@@ -356,13 +344,17 @@ class Resource:
         return self.plural if not self.group else f"{self.plural}.{self.version}.{self.group}"
 
 
+K = K8sKind
 PODS = Resource("pods", "", "v1", "Pod", True, project_pod, diff_pod)
-SERVICES = Resource("services", "", "v1", "Service", True, project_service, _crud("k8s.service"))
+SERVICES = Resource("services", "", "v1", "Service", True, project_service,
+                    _crud(K.SERVICE_ADDED, K.SERVICE_MODIFIED, K.SERVICE_DELETED))
+_SLICES = _crud(K.ENDPOINTSLICE_ADDED, K.ENDPOINTSLICE_MODIFIED, K.ENDPOINTSLICE_DELETED)
 ENDPOINTSLICES = Resource("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice", True,
-                          project_endpointslice, _crud("k8s.endpointslice"))
-ENDPOINTS = Resource("endpoints", "", "v1", "Endpoints", True, project_endpoints, _crud("k8s.endpointslice"))
+                          project_endpointslice, _SLICES)
+ENDPOINTS = Resource("endpoints", "", "v1", "Endpoints", True, project_endpoints, _SLICES)
 NETWORKPOLICIES = Resource("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy", True,
-                           project_networkpolicy, _crud("k8s.networkpolicy"))
+                           project_networkpolicy,
+                           _crud(K.NETWORKPOLICY_ADDED, K.NETWORKPOLICY_MODIFIED, K.NETWORKPOLICY_DELETED))
 NODES = Resource("nodes", "", "v1", "Node", False, project_node, diff_node)
 
 

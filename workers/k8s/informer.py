@@ -27,21 +27,20 @@ import logging
 import os
 import queue
 import random
-import select
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import tenacity
 import urllib3
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
 
+from cnisup.protocol.settings import Config
 from cnisup.workers.base import Worker, WorkerContext
 from cnisup.workers.errors import CapabilityMissing, WorkerConfigError
 from cnisup.workers.k8s import events
-from cnisup.workers.k8s.events import Access, Resource, Settings, Tracker
+from cnisup.workers.k8s.events import Access, Resource, Tracker
 
 log = logging.getLogger("cnisup.k8s-informer")
 
@@ -54,25 +53,10 @@ LIST_PAGE_SIZE = 500
 #: Server-side watch duration is drawn from [WATCH_TIMEOUT_S, 2 * WATCH_TIMEOUT_S]
 #: (as client-go does), so many nodes' watches do not all reconnect at once.
 WATCH_TIMEOUT_S = 300
-#: Reconnect backoff: first delay, cap and jitter (seconds); exponential in between.
-BACKOFF_INITIAL_S = 0.25
-BACKOFF_MAX_S = 30.0
-BACKOFF_JITTER_S = 0.5
 #: A watch connection up this long (seconds) worked, however it ended.
 HEALTHY_WATCH_S = 10.0
 #: A watch line longer than this is not an event we can hold: treated as garbage.
 MAX_LINE_BYTES = 64 << 20
-
-_BACKOFF = (tenacity.wait_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
-            + tenacity.wait_random(0, BACKOFF_JITTER_S))
-
-
-def backoff_s(attempt: int) -> float:
-    """Delay before reconnect number ``attempt`` (1-based) of an error streak."""
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = attempt
-    return float(_BACKOFF(state))
-
 
 def user_agent() -> str:
     try:
@@ -146,12 +130,12 @@ class Outbox:
 class Informer:
     """List + watch of one resource, in its own thread."""
 
-    def __init__(self, *, conf: kclient.Configuration, resource: Resource, settings: Settings,
+    def __init__(self, *, conf: kclient.Configuration, resource: Resource, cfg: Config,
                  out: Outbox, stop: threading.Event, discover_endpointslices: bool = False) -> None:
         self.api = kclient.ApiClient(conf)
         self.api.user_agent = user_agent()
         self.resource = resource
-        self.settings = settings
+        self.cfg = cfg
         self.out = out
         self.stop = stop
         self.discover = discover_endpointslices
@@ -166,7 +150,7 @@ class Informer:
 
     @property
     def field_selector(self) -> str:
-        return self.settings.pod_field_selector if self.resource is events.PODS else ""
+        return events.pod_field_selector(self.cfg) if self.resource is events.PODS else ""
 
     def info(self) -> dict[str, Any]:
         return {"state": self.state, "resource_version": self.rv, "cached": len(self.tracker.cache),
@@ -206,7 +190,7 @@ class Informer:
             if problem is None:
                 problem = Problem("k8s_watch_closed", "the watch stream closed at once, without a line")
             attempt += 1
-            delay = backoff_s(attempt)
+            delay = events.reconnect_delay_s(attempt)
             self.state = f"backoff ({problem.code})"
             self._report(problem, delay)
             self.stop.wait(delay)
@@ -316,7 +300,7 @@ class Informer:
                   ("timeoutSeconds", str(random.randint(WATCH_TIMEOUT_S, 2 * WATCH_TIMEOUT_S)))]
         if self.field_selector:
             params.append(("fieldSelector", self.field_selector))
-        resp = self._get(self.resource.path, params, self.settings.read_timeout_s)
+        resp = self._get(self.resource.path, params, self.cfg.kubernetes.read_timeout)
         self.state = "watching"
         self.watches += 1
         self.round_connected = time.monotonic()
@@ -343,7 +327,7 @@ class Informer:
                 yield from (line for line in lines if line.strip())
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise Problem("k8s_watch_timeout", f"watch {self.resource.plural}: nothing received for "
-                                               f"{self.settings.read_timeout_s:g} s (read timeout); "
+                                               f"{self.cfg.kubernetes.read_timeout:g} s (read timeout); "
                                                "reconnecting") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise Problem("k8s_connection", f"watch {self.resource.plural}: connection lost: {exc}") from exc
@@ -378,30 +362,29 @@ class Informer:
 class K8sInformerWorker(Worker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
-        self.settings = Settings.from_config(ctx.config, ctx.spec.node)
-        self.access = events.locate(self.settings.kubeconfig)
+        self.cfg = ctx.config
+        self.access = events.locate(self.cfg.kubernetes.kubeconfig)
         self.conf = client_configuration(self.access)
         self.out = Outbox()
         self.stop = threading.Event()
         self.informers = [
-            Informer(conf=self.conf, resource=r, settings=self.settings, out=self.out, stop=self.stop,
+            Informer(conf=self.conf, resource=r, cfg=self.cfg, out=self.out, stop=self.stop,
                      discover_endpointslices=r is events.ENDPOINTSLICES)
             for r in events.resources(endpointslices=True)]
 
     def run(self) -> None:
         ctx = self.ctx
         log.info("API server %s (%s from %s); pods: %s", self.conf.host, self.access.path, self.access.origin,
-                 self.settings.pod_field_selector or "all nodes")
+                 events.pod_field_selector(self.cfg) or "all nodes")
         for inf in self.informers:
             threading.Thread(target=inf.run, name=f"informer-{inf.resource.plural}", daemon=True).start()
+        ctx.describe(lambda: {"server": self.conf.host, "kubeconfig": self.access.path,
+                              "pod_scope": self.cfg.kubernetes.pod_scope,
+                              "resources": {i.resource.plural: i.info() for i in self.informers}})
         try:
             while not ctx.stopping:
+                ctx.wait([self.out.wake_r])
                 self._publish()
-                ctx.set_info(server=self.conf.host, kubeconfig=self.access.path,
-                             pod_scope=self.settings.pod_scope,
-                             resources={i.resource.plural: i.info() for i in self.informers})
-                ctx.heartbeat()
-                select.select([self.out.wake_r, ctx.stop_fd], [], [], ctx.spec.heartbeat_interval_s / 2)
             self._publish()
         finally:
             self.stop.set()

@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import re
-import select
 import shutil
 import subprocess
 import tempfile
@@ -40,8 +39,7 @@ from typing import Any
 from cnisup.workers.base import Worker, WorkerContext
 from cnisup.workers.errors import CapabilityMissing
 from cnisup.workers.k8s import events
-from cnisup.workers.k8s.events import Access, Resource, Settings, Tracker
-from cnisup.workers.k8s.informer import backoff_s
+from cnisup.workers.k8s.events import Access, Resource, Tracker
 
 log = logging.getLogger("cnisup.kubectl")
 
@@ -153,15 +151,15 @@ class Stream:
     # -- the subprocess ------------------------------------------------------------------------
     def argv(self) -> list[str]:
         w = self.w
-        lifetime = random.uniform(2, 3) * w.settings.read_timeout_s
+        lifetime = random.uniform(2, 3) * w.cfg.kubernetes.read_timeout
         argv = [*w.wrapper, w.kubectl]
         if w.access.mode == "kubeconfig":
             argv += ["--kubeconfig", w.access.path]
         argv += ["--cache-dir", w.cache_dir, f"--request-timeout={lifetime:.0f}s", "-v=6",
                  "get", self.resource.kubectl_name, "--all-namespaces", "--watch", "--output-watch-events",
                  "-o", "json"]
-        if self.resource is events.PODS and w.settings.pod_field_selector:
-            argv += ["--field-selector", w.settings.pod_field_selector]
+        if self.resource is events.PODS and (selector := events.pod_field_selector(w.cfg)):
+            argv += ["--field-selector", selector]
         return argv
 
     def start(self) -> None:
@@ -298,7 +296,7 @@ class Stream:
         self.proc = None
         # A kubectl that printed its listing was healthy: restart at the first backoff step.
         self.attempt = 1 if healthy else self.attempt + 1
-        delay = backoff_s(self.attempt)
+        delay = events.reconnect_delay_s(self.attempt)
         self.restart_at = now + delay
         log.info("kubectl get %s exited %s after %.1f s (%s); restart in %.2f s",
                  self.resource.plural, code, ran, reason, delay)
@@ -312,12 +310,12 @@ class Stream:
 class KubectlWorker(Worker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
-        self.settings = Settings.from_config(ctx.config, ctx.spec.node)
+        self.cfg = ctx.config
         kubectl = find_kubectl()
         if kubectl is None:
             raise CapabilityMissing(f"kubectl not found in PATH ({os.environ.get('PATH', '')})")
         self.kubectl = kubectl
-        self.access: Access = events.locate(self.settings.kubeconfig)
+        self.access: Access = events.locate(self.cfg.kubernetes.kubeconfig)
         # kubectl needs a writable cache dir (discovery, HTTP cache); the workers
         # user has no home. Private to this incarnation, removed on exit.
         _remove_stale_cache_dirs()
@@ -352,7 +350,7 @@ class KubectlWorker(Worker):
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env,
                                         cwd=self.cache_dir)
                 deadline = time.monotonic() + 2 * DISCOVERY_TIMEOUT_S
-                while proc.poll() is None and time.monotonic() < deadline and not self.ctx.wait(0.02):
+                while proc.poll() is None and time.monotonic() < deadline and not self.ctx.sleep(0.02):
                     pass
                 if proc.poll() is None:
                     proc.kill()
@@ -363,13 +361,13 @@ class KubectlWorker(Worker):
                     return b"endpointslices" in out.read()
                 reason = err.read().decode(errors="replace").strip()[-300:] or f"exit code {code}"
             log.warning("kubectl api-resources failed: %s", reason)
-            self.ctx.wait(DISCOVERY_RETRY_S)
+            self.ctx.sleep(DISCOVERY_RETRY_S)
         return True
 
     def run(self) -> None:
         try:
             log.info("kubectl %s, %s from %s; pods: %s", self.kubectl, self.access.path, self.access.origin,
-                     self.settings.pod_field_selector or "all nodes")
+                     events.pod_field_selector(self.cfg) or "all nodes")
             slices = self._endpointslices()
             self.streams = [Stream(self, r) for r in events.resources(endpointslices=slices)]
             for s in self.streams:
@@ -381,31 +379,24 @@ class KubectlWorker(Worker):
 
     def _loop(self) -> None:
         ctx = self.ctx
+        ctx.describe(lambda: {"kubectl": self.kubectl, "kubeconfig": self.access.path,
+                              "pod_scope": self.cfg.kubernetes.pod_scope,
+                              "resources": {s.resource.plural: {"pid": s.proc.pid if s.proc else None,
+                                                                "runs": s.runs, "cached": len(s.tracker.cache)}
+                                            for s in self.streams}})
         while not ctx.stopping:
-            ctx.heartbeat()
-            ctx.set_info(kubectl=self.kubectl, kubeconfig=self.access.path, pod_scope=self.settings.pod_scope,
-                         resources={s.resource.plural: {"pid": s.proc.pid if s.proc else None, "runs": s.runs,
-                                                        "cached": len(s.tracker.cache)}
-                                    for s in self.streams})
             now = time.monotonic()
-            timeout = ctx.spec.heartbeat_interval_s / 2
-            owners: dict[int, Stream] = {}
-            for s in self.streams:
-                if s.proc is None:
-                    if now >= s.restart_at:
-                        s.start()
-                    else:
-                        timeout = min(timeout, s.restart_at - now)
-                for fd in s.fds():
-                    owners[fd] = s
-            ready, _, _ = select.select([*owners, ctx.stop_fd], [], [], max(0.0, timeout))
+            restarts = [s.restart_at for s in self.streams if s.proc is None]
+            owners = {fd: s for s in self.streams for fd in s.fds()}
+            ready = ctx.wait(owners, timeout_s=min(restarts) - now if restarts else None)
             for fd in ready:
-                if fd in owners:
-                    owners[fd].readable(fd)
+                owners[fd].readable(fd)
             now = time.monotonic()
             for s in self.streams:
                 if s.proc is not None and not s.fds() and s.proc.poll() is not None:
                     s.exited(now)
+                elif s.proc is None and now >= s.restart_at:
+                    s.start()
 
     def _stop_all(self) -> None:
         for s in self.streams:

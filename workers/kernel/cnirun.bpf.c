@@ -11,10 +11,15 @@
 // up first and return at once for every other task.
 //
 // Build-time switches (cflags from ebpf.py): HAVE_<tracepoint> for
-// optional attach points, HAVE_GROUP_DEAD, RINGBUF_PAGES.
+// optional attach points, HAVE_GROUP_DEAD. The event types (EV_*), flags
+// (F_*), VIA_*, PATH_MAX_, MAX_BIN_DIRS and RINGBUF_PAGES are defined once,
+// in ebpf.py, and passed as -D flags.
+
+#ifndef EV_NETNS_ENTER
+#error "build with the -D constants of ebpf.py"
+#endif
 
 #define DATA_MAX 4096       // bytes of payload per event (one stdin/stdout/netlink chunk)
-#define PATH_MAX_ 256       // exec filename captured
 #define ENV_MAX_VARS 256    // envp entries scanned for CNI_* (runtimes append them last)
 #define ENV_STR_MAX 1024    // bytes kept of one CNI_* variable
 #define STREAM_CAP 65536    // bytes captured per run per stream; more is flagged truncated
@@ -23,23 +28,21 @@
 #define NETLINK_ROUTE_ 0
 #define CLONE_NEWNET_ 0x40000000ULL
 
-enum ev_type {
-    EV_ENV = 1,         // CNI_* variables at execve of a plugin binary (tid = the exec'ing task)
-    EV_EXEC = 2,        // the plugin exec succeeded: a run starts; data = filename
-    EV_EXIT = 3,        // the run's root process is gone; code = exit_group status
-    EV_STDIN = 4,       // data read from fd 0 by the root; len 0 = EOF
-    EV_STDOUT = 5,      // data written to fd 1 by the root
-    EV_STDERR = 6,      // data written to fd 2 by the root
-    EV_NETLINK = 7,     // an NETLINK_ROUTE request sent by a tracked task
-    EV_NETNS_NEW = 8,   // unshare/clone with CLONE_NEWNET succeeded; aux = child pid (clone)
-    EV_NETNS_ENTER = 9, // setns into a net namespace succeeded; aux = the fd
-};
-
-// flags
-#define F_TRUNCATED 1   // this chunk was cut to DATA_MAX, or the stream passed STREAM_CAP
-#define F_HAVE_CODE 2   // EV_EXIT: code is the exit_group status
-#define F_LOST 4        // EV_EXIT: some events of this run could not be queued
-#define F_MULTI_IOV 8   // EV_NETLINK: only the first iovec was captured
+// Event types:
+//   EV_ENV          CNI_* variables at execve of a plugin binary (tid = the exec'ing task)
+//   EV_EXEC         the plugin exec succeeded: a run starts; data = filename
+//   EV_EXIT         the run's root process is gone; code = exit_group status
+//   EV_STDIN        data read from fd 0 by the root; len 0 = EOF
+//   EV_STDOUT       data written to fd 1 by the root
+//   EV_STDERR       data written to fd 2 by the root
+//   EV_NETLINK      an NETLINK_ROUTE request sent by a tracked task
+//   EV_NETNS_NEW    unshare/clone with CLONE_NEWNET succeeded; aux = child pid (clone)
+//   EV_NETNS_ENTER  setns into a net namespace succeeded; aux = the fd
+// Flags:
+//   F_TRUNCATED     this chunk was cut to DATA_MAX, or the stream passed STREAM_CAP
+//   F_HAVE_CODE     EV_EXIT: code is the exit_group status
+//   F_LOST          EV_EXIT: some events of this run could not be queued
+//   F_MULTI_IOV     EV_NETLINK: only the first iovec was captured
 
 struct event {
     u32 type;
@@ -82,9 +85,6 @@ struct sock_key {
     u32 fd;
 };
 
-#define VIA_UNSHARE 0
-#define VIA_CLONE 1
-
 struct ns_pending {
     u32 kind;   // EV_NETNS_NEW or EV_NETNS_ENTER
     u32 fd;     // setns: the namespace fd
@@ -95,7 +95,7 @@ struct ns_pending {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
 BPF_PERCPU_ARRAY(lost, u64, 2);                        // [0] events, [1] of them EV_EXEC: whole runs
-BPF_HASH(bin_dirs, struct dir_key, u8, 64);
+BPF_HASH(bin_dirs, struct dir_key, u8, MAX_BIN_DIRS);
 BPF_HASH(tracked, u32, struct task_info, 16384);
 BPF_HASH(runs, u64, struct run_state, 4096);
 BPF_TABLE("lru_hash", u32, u32, parents, 32768);      // task -> tgid that forked it

@@ -30,24 +30,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cnisup.protocol.kinds import KernelKind as K
 from cnisup.workers.base import Worker, WorkerContext
 from cnisup.workers.errors import CapabilityMissing
 from cnisup.workers.kernel import events, features
 
 BPF_SOURCE = Path(__file__).with_name("cnirun.bpf.c")
 
-# Keep in step with enum ev_type and the F_* flags in cnirun.bpf.c.
+# Defined here once; the BPF program gets them as -D flags (``_constants``).
 EV_ENV, EV_EXEC, EV_EXIT, EV_STDIN, EV_STDOUT, EV_STDERR = 1, 2, 3, 4, 5, 6
 EV_NETLINK, EV_NETNS_NEW, EV_NETNS_ENTER = 7, 8, 9
 F_TRUNCATED, F_HAVE_CODE, F_LOST, F_MULTI_IOV = 1, 2, 4, 8
-VIA_CLONE = 1  #: EV_NETNS_NEW code: clone/clone3 (0: unshare)
-PATH_MAX = 256  #: struct dir_key in the BPF program
+VIA_UNSHARE, VIA_CLONE = 0, 1  #: EV_NETNS_NEW code
+PATH_MAX = 256  #: struct dir_key in the BPF program (a power of two: the verifier masks with it)
 MAX_BIN_DIRS = 64  #: entries of the bin_dirs map
 
 #: 4 MiB: at 4 KiB per chunk this holds ~1000 captures, far more than a
-#: burst of plugin runs produces between two polls.
+#: burst of plugin runs produces before the consumer wakes.
 RINGBUF_PAGES = 1024
-POLL_MS = 200
 #: A run whose plugin never reads stdin to EOF is announced after this long.
 START_DELAY_S = 0.2
 #: How often the loss counter and vanished runs are looked at.
@@ -56,10 +56,23 @@ HOUSEKEEPING_S = 1.0
 ENV_TTL_S = 10.0
 
 
+def build_flags(optional: list[str], *, group_dead: bool, ringbuf_pages: int = RINGBUF_PAGES) -> list[str]:
+    """The cflags of the BPF program: what it and this decoder must agree on
+    (defined once, here), and the build switches of what the host has."""
+    names = ("EV_ENV", "EV_EXEC", "EV_EXIT", "EV_STDIN", "EV_STDOUT", "EV_STDERR", "EV_NETLINK", "EV_NETNS_NEW",
+             "EV_NETNS_ENTER", "F_TRUNCATED", "F_HAVE_CODE", "F_LOST", "F_MULTI_IOV", "VIA_UNSHARE", "VIA_CLONE",
+             "MAX_BIN_DIRS")
+    values = globals()
+    flags = [f"-D{n}={values[n]}" for n in names]
+    flags += [f"-DPATH_MAX_={PATH_MAX}", f"-DRINGBUF_PAGES={ringbuf_pages}"]
+    flags += [f"-DHAVE_{s}=1" for s in optional]
+    return [*flags, "-DHAVE_GROUP_DEAD=1"] if group_dead else flags
+
+
 class EbpfWorker(Worker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
-        self.bin_dirs: list[str] = list(ctx.config.get("cni", {}).get("bin_dirs", []))
+        self.bin_dirs = ctx.config.cni.bin_dirs
         self.boot_to_wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         self.runs: dict[int, events.Run] = {}
         self.envs: dict[int, tuple[float, bytes, bool]] = {}
@@ -77,14 +90,12 @@ class EbpfWorker(Worker):
 
     # -- the BPF program -------------------------------------------------------------
     def _load(self) -> Any:
-        host = features.check()
+        host = features.check()  # what the probe saw: the build switches come from it
         if not host.ok:
             raise CapabilityMissing(host.reason)
         from bcc import BPF  # after the checks: importing BCC is slow
 
-        cflags = [f"-DRINGBUF_PAGES={RINGBUF_PAGES}"] + [f"-DHAVE_{s}=1" for s in host.enabled_optional]
-        if host.group_dead:
-            cflags.append("-DHAVE_GROUP_DEAD=1")
+        cflags = build_flags(host.enabled_optional, group_dead=host.group_dead)
         t0 = time.monotonic()
         try:
             bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
@@ -123,24 +134,30 @@ class EbpfWorker(Worker):
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:
-        bpf = self.bpf
+        ctx, bpf = self.ctx, self.bpf
         for code, message in self._warnings:
-            self.ctx.warn(code, message)
+            ctx.warn(code, message)
         self._table.open_ring_buffer(self._on_event)
+        ring_fd = self._table.map_fd  # readable when records are waiting (the kernel's epoll on the ring)
         lost_table = bpf["lost"]
         next_housekeeping = time.monotonic() + HOUSEKEEPING_S
-        while not self.ctx.stopping:
-            bpf.ring_buffer_poll(POLL_MS)
+        while not ctx.stopping:
+            if ctx.wait([ring_fd], timeout_s=min(next_housekeeping, self._next_start()) - time.monotonic()):
+                bpf.ring_buffer_consume()
             self._flush()
             now = time.monotonic()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_S
                 self._check_loss(lost_table)
                 self._reap_vanished()
-            self.ctx.set_info(runs_active=len(self.runs), **self.counts)
-            self.ctx.heartbeat()
+            ctx.set_info(runs_active=len(self.runs), **self.counts)
         bpf.ring_buffer_consume()
         self._flush()
+
+    def _next_start(self) -> float:
+        """When the next run still waiting for its stdin is announced anyway."""
+        return min((self.created_at[k] + START_DELAY_S for k, r in self.runs.items() if not r.started_sent),
+                   default=float("inf"))
 
     def _check_loss(self, lost_table: Any) -> None:
         total = int(sum(lost_table.getvalue(lost_table.Key(0))))
@@ -257,13 +274,13 @@ class EbpfWorker(Worker):
             if via == "clone":
                 data["child_pid"] = holder
             ns = _readlink(f"/proc/{holder}/ns/net")
-            kind = "netns.created"
+            kind = K.NETNS_CREATED
         else:
             data["fd"] = int(e.aux)
             ns = _resolve_fd(int(e.pid), int(e.aux))
             if ns is not None and not ns.startswith("net:[") and not ns.startswith("/"):
                 return  # setns(fd, 0) into some other kind of namespace
-            kind = "netns.entered"
+            kind = K.NETNS_ENTERED
         if ns is not None:
             data["netns"] = ns
             if (inode := _ns_inode(ns)) is not None:
@@ -276,7 +293,7 @@ class EbpfWorker(Worker):
         if not run.started_sent:
             run.started_sent = True
             self.counts["runs_started"] += 1
-            self.ctx.publish("cni.plugin.started", run.started_data(), ts=run.start_ns)
+            self.ctx.publish(K.PLUGIN_STARTED, run.started_data(), ts=run.start_ns)
 
     def _flush(self) -> None:
         for key, end_ns, code, reason in self.finishing:
@@ -286,7 +303,7 @@ class EbpfWorker(Worker):
                 continue
             self._announce(run)
             self.counts["runs_finished"] += 1
-            self.ctx.publish("cni.plugin.finished",
+            self.ctx.publish(K.PLUGIN_FINISHED,
                              run.finished_data(end_ns=end_ns, exit_code=code, reason=reason), ts=end_ns)
         self.finishing.clear()
         now = time.monotonic()

@@ -20,6 +20,8 @@ from typing import Any
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from cnisup.protocol.kinds import KernelKind
+
 #: CNI_COMMAND values of the CNI spec (1.1 adds GC and STATUS).
 CNI_COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 #: How much of an unparseable stdout/stderr goes into an event.
@@ -241,7 +243,7 @@ def run_id(pid: int, start_boot_ns: int) -> str:
 
 @dataclass
 class NetlinkChange:
-    kind: str  #: event kind: link.created, addr.added, …
+    kind: KernelKind  #: link.created, addr.added, …
     data: dict[str, Any]
 
 
@@ -288,12 +290,12 @@ def _link_change(mtype: int, flags: int, msg: bytes) -> NetlinkChange | None:
                 if ptarget := _netns_target(peer):
                     data["peer_netns"] = ptarget
     if mtype == RTM_DELLINK:
-        return NetlinkChange("link.deleted", data)
+        return NetlinkChange(KernelKind.LINK_DELETED, data)
     if mtype == RTM_NEWLINK and flags & NLM_F_CREATE:
-        return NetlinkChange("link.created", data)
+        return NetlinkChange(KernelKind.LINK_CREATED, data)
     if "target_netns" in data:
-        return NetlinkChange("link.moved", data)
-    return NetlinkChange("link.changed", data)
+        return NetlinkChange(KernelKind.LINK_MOVED, data)
+    return NetlinkChange(KernelKind.LINK_CHANGED, data)
 
 
 def _netns_target(m: Any) -> str | None:
@@ -317,7 +319,7 @@ def _addr_change(mtype: int, msg: bytes) -> NetlinkChange | None:
             "ifindex": int(m["index"])}
     if isinstance(label := m.get_attr("IFA_LABEL"), str):
         data["label"] = label
-    return NetlinkChange("addr.added" if mtype == RTM_NEWADDR else "addr.deleted", data)
+    return NetlinkChange(KernelKind.ADDR_ADDED if mtype == RTM_NEWADDR else KernelKind.ADDR_DELETED, data)
 
 
 def parse_rtnetlink(buf: bytes) -> tuple[list[NetlinkChange], list[str]]:

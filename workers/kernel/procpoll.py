@@ -23,6 +23,7 @@ import socket
 import time
 from typing import Any
 
+from cnisup.protocol.kinds import KernelKind as K
 from cnisup.workers.base import Worker, WorkerContext
 from cnisup.workers.kernel import events
 
@@ -54,8 +55,8 @@ class ProcPollWorker(Worker):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        self.interval_s = float(cfg.get("fallback", {}).get("process_poll_interval", 5.0))
-        dirs = [d.rstrip("/") or "/" for d in cfg.get("cni", {}).get("bin_dirs", [])]
+        self.interval_s = cfg.fallback.process_poll_interval
+        dirs = [d.rstrip("/") or "/" for d in cfg.cni.bin_dirs]
         self.bin_dirs = set(dirs) | {os.path.realpath(d) for d in dirs}
         self.boot_to_wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         self.runs: dict[tuple[int, int], events.Run] = {}
@@ -68,18 +69,20 @@ class ProcPollWorker(Worker):
     def run(self) -> None:
         from pyroute2 import IPRoute
 
+        ctx = self.ctx
         self._ipr = IPRoute()
         try:
-            first = True
-            while True:
+            scan_at = time.monotonic()
+            while not ctx.stopping:
+                ctx.wait(timeout_s=scan_at - time.monotonic())
                 t0 = time.monotonic()
-                self._scan(publish_state=not first)
-                first = False
+                if t0 < scan_at or ctx.stopping:
+                    continue
+                self._scan(publish_state=self.counts["scans"] > 0)
                 self.counts["scans"] += 1
-                self.ctx.set_info(interval_s=self.interval_s, runs_active=len(self.runs),
-                                  last_scan_ms=round((time.monotonic() - t0) * 1000, 2), **self.counts)
-                if self.ctx.wait(self.interval_s):
-                    return
+                scan_at = t0 + self.interval_s
+                ctx.set_info(interval_s=self.interval_s, runs_active=len(self.runs),
+                             last_scan_ms=round((time.monotonic() - t0) * 1000, 2), **self.counts)
         finally:
             self._ipr.close()
 
@@ -114,7 +117,7 @@ class ProcPollWorker(Worker):
                 procs[(int(pid), st[1])] = (path, st[0])
         self._diff_runs(procs)
         self._diff(self.netns, ns_now, publish_state,
-                   created="netns.created", deleted="netns.deleted", changed=None)
+                   created=K.NETNS_CREATED, deleted=K.NETNS_DELETED, changed=None)
         self.netns = ns_now
         self._scan_links(publish_state)
 
@@ -149,11 +152,11 @@ class ProcPollWorker(Worker):
             self.runs[key] = run
             by_pid[pid] = run
             self.counts["runs_seen"] += 1
-            self.ctx.publish("cni.plugin.started", run.started_data(), ts=run.start_ns)
+            self.ctx.publish(K.PLUGIN_STARTED, run.started_data(), ts=run.start_ns)
         now = time.time_ns()
         for key in sorted(self.runs.keys() - procs.keys(), key=lambda k: k[1]):
             run = self.runs.pop(key)
-            self.ctx.publish("cni.plugin.finished", run.finished_data(
+            self.ctx.publish(K.PLUGIN_FINISHED, run.finished_data(
                 end_ns=now, exit_code=None, approximate=True,
                 reason="gone at this scan; proc-poll cannot know the exit code"), ts=now)
 
@@ -167,38 +170,32 @@ class ProcPollWorker(Worker):
             return
         links_now: dict[int, dict[str, Any]] = {}
         for m in links:
-            try:
-                info = m.get_attr("IFLA_LINKINFO")
-                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-                links_now[int(m["index"])] = events.link_data(
-                    ifindex=int(m["index"]), name=m.get_attr("IFLA_IFNAME"),
-                    kind=kind if isinstance(kind, str) else None,
-                    master=m.get_attr("IFLA_MASTER"), mtu=m.get_attr("IFLA_MTU"),
-                    up=bool(m["flags"] & events.IFF_UP), address=m.get_attr("IFLA_ADDRESS"))
-            except Exception as exc:
-                self.ctx.warn("bad_netlink", f"link dump entry: {type(exc).__name__}: {exc}")
+            info = m.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            links_now[int(m["index"])] = events.link_data(
+                ifindex=int(m["index"]), name=m.get_attr("IFLA_IFNAME"),
+                kind=kind if isinstance(kind, str) else None,
+                master=m.get_attr("IFLA_MASTER"), mtu=m.get_attr("IFLA_MTU"),
+                up=bool(m["flags"] & events.IFF_UP), address=m.get_attr("IFLA_ADDRESS"))
         for link in links_now.values():
             if isinstance(link.get("master"), int) and link["master"] in links_now:
                 link["master_name"] = links_now[link["master"]].get("name")
         addrs_now: dict[tuple[int, str, str, int], dict[str, Any]] = {}
         for m in addrs:
-            try:
-                family = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}.get(m["family"])
-                address = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
-                if family is None or not isinstance(address, str):
-                    continue
-                idx = int(m["index"])
-                data: dict[str, Any] = {"address": address, "prefixlen": int(m["prefixlen"]),
-                                        "family": family, "ifindex": idx}
-                if isinstance(name := links_now.get(idx, {}).get("name"), str):
-                    data["ifname"] = name
-                addrs_now[(idx, family, address, int(m["prefixlen"]))] = data
-            except Exception as exc:
-                self.ctx.warn("bad_netlink", f"address dump entry: {type(exc).__name__}: {exc}")
+            family = {socket.AF_INET: "inet", socket.AF_INET6: "inet6"}.get(m["family"])
+            address = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+            if family is None or not isinstance(address, str):
+                continue
+            idx = int(m["index"])
+            data: dict[str, Any] = {"address": address, "prefixlen": int(m["prefixlen"]),
+                                    "family": family, "ifindex": idx}
+            if isinstance(name := links_now.get(idx, {}).get("name"), str):
+                data["ifname"] = name
+            addrs_now[(idx, family, address, int(m["prefixlen"]))] = data
         self._diff(self.links, links_now, publish_state,
-                   created="link.created", deleted="link.deleted", changed="link.changed")
+                   created=K.LINK_CREATED, deleted=K.LINK_DELETED, changed=K.LINK_CHANGED)
         self._diff(self.addrs, addrs_now, publish_state,
-                   created="addr.added", deleted="addr.deleted", changed=None)
+                   created=K.ADDR_ADDED, deleted=K.ADDR_DELETED, changed=None)
         self.links, self.addrs = links_now, addrs_now
 
     def _diff(self, before: dict[Any, dict[str, Any]], now: dict[Any, dict[str, Any]],

@@ -1,0 +1,35 @@
+"""What a probe says: can this host run a worker, and why (not). Each worker
+names one probe function in the registry (``WorkerInfo.probe``); ``cnisup
+check`` and the supervisor's choice run it in the supervisor, and the worker
+runs the same function before it starts. Probes only look: they change
+nothing on the host, and they import nothing heavy (no BCC, no kubernetes
+client), so the supervisor stays small."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnisup.protocol.settings import Config
+
+
+@dataclass
+class Probe:
+    ok: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+ProbeFn = Callable[[Config], Probe]
+
+
+def dirs_state(dirs: list[str]) -> dict[str, str]:
+    out = {}
+    for d in dirs:
+        if os.path.isdir(d):
+            out[d] = "ok" if os.access(d, os.R_OK | os.X_OK) else "not readable"
+        else:
+            out[d] = "missing (watched for creation)"
+    return out
