@@ -19,7 +19,8 @@ from typing import Any
 VERSION = 1
 
 SOURCES = frozenset(
-    {"ebpf", "proc-poll", "inotify", "file-poll", "k8s-informer", "kubectl", "supervisor"}
+    {"ebpf", "proc-poll", "inotify", "file-poll", "k8s-informer", "kubectl", "journal", "journal-runtime",
+     "supervisor"}
 )
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")

@@ -45,6 +45,12 @@ class MonitorKind(StrEnum):
     WARNING = "monitor.warning"
 
 
+class JournalKind(StrEnum):
+    """The journal family (journal, journal-runtime)."""
+
+    LOSS = "journal.loss"
+
+
 class ConfigKind(StrEnum):
     """The config family (inotify, file-poll)."""
 
@@ -156,7 +162,7 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
         {"pid": INT, "version": S, "config_path": NS, "preset": S, "endpoints": STRS})),
     SupervisorKind.READY: ("every enabled family's worker reported ready once (or ready_timeout passed)", obj(
         ["workers", "degraded"], {"workers": {"type": "object", "additionalProperties": S},
-                                  "degraded": STRS})),
+                                  "degraded": STRS, "fallback": STRS})),
     SupervisorKind.STOPPING: ("a stop was asked; workers get SIGTERM", obj(["reason"], {"reason": S})),
     SupervisorKind.STOPPED: ("last event of a supervisor incarnation", obj(["uptime_s"], {"uptime_s": N})),
     SupervisorKind.WORKER_STARTED: ("a worker process was started: a new incarnation begins", obj(
@@ -188,6 +194,9 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
         ["changed", "ignored"], {"changed": STRS, "ignored": STRS})),
     SupervisorKind.CONFIG_RELOAD_FAILED: ("SIGHUP: the new file is invalid; nothing changed", obj(
         ["key", "error"], {"key": S, "error": S})),
+    JournalKind.LOSS: ("events the journal never received (seq holes) or could not keep (a full disk)", obj(
+        ["source", "incarnation", "from_seq", "to_seq", "lost", "reason"],
+        {"source": S, "incarnation": S, "from_seq": INT, "to_seq": INT, "lost": INT, "reason": S})),
     MonitorKind.WARNING: ("a worker survived a problem (limits, overflow, unreadable input)", obj(
         ["family", "worker", "code", "message"],
         {"family": S, "worker": S, "code": S, "message": S, "path": S, "resource": S})),

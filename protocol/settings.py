@@ -257,6 +257,30 @@ class Kubernetes:
 
 
 @dataclass
+class Journal:
+    enabled: bool = setting(True, "Record every event in a local SQLite journal (history, explain, tail --since)")
+    path: str = setting("/var/lib/cnisup/journal.db",
+                        "The journal file; {runtime_dir} expands. Its directory must be writable by workers.user",
+                        check=lambda p: absolute_path(p.replace("{runtime_dir}", "/")))
+    max_bytes: Bytes = setting(256 << 20, "The oldest events are deleted to keep the journal under this size",
+                               check=positive)
+    max_age: Seconds = setting(7 * 86400, "Events older than this are deleted", check=positive)
+    fallback_max_bytes: Bytes = setting(
+        32 << 20, "Size of the smaller journal kept in the runtime dir (memory) when path is unusable",
+        check=positive)
+    batch_events: int = setting(
+        2000, "Events per transaction at most; a crash loses at most the last uncommitted batch", check=positive)
+    batch_interval: Seconds = setting(
+        0.2, "Longest an event waits before its transaction commits", check=positive)
+    queue: int = setting(100_000, "Events the bus holds for the journal while it writes; beyond: lost and "
+                                  "recorded as a loss", check=positive)
+
+    @property
+    def fallback_path(self) -> str:
+        return "{runtime_dir}/journal/fallback.db"
+
+
+@dataclass
 class Config:
     preset: str = setting("development", "development or production; explicit keys override it",
                           check=one_of(*PRESETS))
@@ -276,6 +300,7 @@ class Config:
     restart: Restart = section(Restart)
     fallback: Fallback = section(Fallback)
     kubernetes: Kubernetes = section(Kubernetes)
+    journal: Journal = section(Journal)
 
     def __post_init__(self) -> None:
         self.log_level = self.log_level.lower()
@@ -299,8 +324,28 @@ class Config:
         return f"ipc://{self.runtime_dir}/private/bus.sock"
 
     @property
+    def consumer_endpoint(self) -> str:
+        """The private XPUB the journal subscribes to (every event, as subscribers see it)."""
+        return f"ipc://{self.runtime_dir}/private/events.sock"
+
+    @property
     def lock_path(self) -> str:
         return f"{self.runtime_dir}/cnisup.lock"
+
+    @property
+    def journal_path(self) -> str:
+        return self.journal.path.replace("{runtime_dir}", self.runtime_dir)
+
+    @property
+    def journal_fallback_path(self) -> str:
+        return self.journal.fallback_path.replace("{runtime_dir}", self.runtime_dir)
+
+    def lookup(self, key: str) -> Any:
+        """A value by its dotted key (``monitors.kernel``)."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
 
 
 # -- the builder ---------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import yaml
 from cnisup.protocol import exitcodes
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import CurveClient, Subscriber
-from cnisup.supervisor import __version__, config, control, probes
+from cnisup.supervisor import __version__, answers, config, control, probes, render
+from cnisup.supervisor.history import Filters, Match, Stitch
 from cnisup.supervisor.supervisor import StartError, Supervisor
 
 EX_START_FAILED = 1
@@ -122,23 +124,18 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
             click.echo(f"{'':8} {w['reason']}")
 
 
-def _human(env: dict[str, Any]) -> str:
-    ts = datetime.datetime.fromtimestamp(env["ts"] / 1e9, tz=datetime.UTC)
-    data = env["data"]
-    parts = []
-    for key, value in data.items():
-        if isinstance(value, str) and len(value) == 64 and key.endswith("sha256"):
-            value = value[:12]
-        parts.append(f"{key}={json.dumps(value, separators=(',', ':')) if not isinstance(value, str) else value}")
-    return f"{ts:%H:%M:%S}.{ts.microsecond // 1000:03d} {env['source']:12} {env['kind']:34} {' '.join(parts)}"
-
-
 @main.command()
 @config_option
 @preset_option
 @click.option("--endpoint", "endpoints", multiple=True, help="Connect here instead of the config's endpoints.")
-@click.option("--topic", "topics", multiple=True, help="Topic prefix to subscribe to (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON envelope per line.")
+@click.option("--topic", "topics", multiple=True, help="Topic prefix to subscribe to (repeatable; turns off "
+                                                       "gap detection: prefer --kind).")
+@answers.filter_options
+@click.option("-o", "--output", type=click.Choice(["long", "compact", "json"]), default="long", show_default=True,
+              help="compact: one line per finished CNI plugin run; json: one envelope per line.")
+@click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
+@click.option("--since", type=answers.TIME, help="Replay from the journal from this time, then go on live "
+                                                 "(no gap, no duplicate).")
 @click.option("--count", type=int, default=0, help="Exit after this many events (0: never).")
 @click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds without events (0: never).")
 @click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False),
@@ -146,26 +143,27 @@ def _human(env: dict[str, Any]) -> str:
 @click.option("--curve-key", type=click.Path(exists=True, dir_okay=False),
               help="This subscriber's secret certificate (CURVE endpoints).")
 def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...], topics: tuple[str, ...],
-         as_json: bool, count: int, timeout: float, curve_server_key: str | None, curve_key: str | None) -> None:
+         kinds: tuple[str, ...], pod: tuple[str, str] | None, namespace: str | None, container: str | None,
+         failed: bool, output: str, as_json: bool, since: int | None, count: int, timeout: float,
+         curve_server_key: str | None, curve_key: str | None) -> None:
     """Subscribe and print events; reports sequence gaps (lost events)."""
     eps = list(endpoints) or _load(config_path, preset).publish.endpoints
-    curve = None
-    if curve_server_key or curve_key:
-        if not (curve_server_key and curve_key):
-            raise click.UsageError("--curve-server-key and --curve-key go together")
-        import zmq.auth
-        server_public, _ = zmq.auth.load_certificate(curve_server_key)
-        public, secret = zmq.auth.load_certificate(curve_key)
-        if secret is None:
-            raise click.UsageError(f"{curve_key} holds no secret key")
-        curve = CurveClient(server_public, public, secret)
-    seen = 0
+    curve = _curve_client(curve_server_key, curve_key)
+    filters = Filters(kinds=kinds, pod=pod, namespace=namespace, container=container, failed=failed)
+    out = _Printer("json" if as_json else output)
     with Subscriber(eps, topics=list(topics), curve=curve) as sub:
         if not sub.detect_gaps:
             click.echo("cnisup tail: topic filter set, so sequence gaps are not loss; gap detection off",
                        err=True)
+        stitch = None
+        if since is not None:
+            stitch = Stitch(answers.open_journal(lambda: _load(config_path, preset), ()),
+                            dataclasses.replace(filters, since_ns=since))
+            for env in stitch.replay():
+                out(env)
+        match = Match(filters)
         try:
-            while True:
+            while not (count and out.seen >= count):
                 try:
                     got = sub.recv(int(timeout * 1000) if timeout else None)
                 except ProtocolError as exc:
@@ -177,12 +175,49 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
                 if gap is not None:
                     click.echo(f"! lost {gap.lost} event(s) from {gap.source} incarnation {gap.incarnation} "
                                f"(seq {gap.expected}..{gap.got - 1})", err=True)
-                click.echo(json.dumps(env, separators=(",", ":")) if as_json else _human(env))
-                seen += 1
-                if count and seen >= count:
-                    break
+                if stitch is not None:
+                    shown, lost = stitch.live(env)
+                    if lost:
+                        click.echo(f"! lost {lost} event(s) from {env['source']} incarnation "
+                                   f"{env['incarnation']} between the journal and the live stream", err=True)
+                    for e in shown:
+                        out(e)
+                elif match(env):
+                    out(env)
         except KeyboardInterrupt:
             pass
+
+
+class _Printer:
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.color = render.use_color(sys.stdout)
+        self.compact = render.Compact(color=self.color)
+        self.clock = render.Clock()
+        self.seen = 0
+
+    def __call__(self, env: dict[str, Any]) -> None:
+        self.seen += 1
+        if self.output == "json":
+            click.echo(json.dumps(env, separators=(",", ":"), ensure_ascii=False))
+        elif self.output == "compact":
+            for line in self.compact.feed(env):
+                click.echo(line, color=self.color)
+        else:
+            click.echo(render.long_line(env, self.clock))
+
+
+def _curve_client(curve_server_key: str | None, curve_key: str | None) -> CurveClient | None:
+    if not (curve_server_key or curve_key):
+        return None
+    if not (curve_server_key and curve_key):
+        raise click.UsageError("--curve-server-key and --curve-key go together")
+    import zmq.auth
+    server_public, _ = zmq.auth.load_certificate(curve_server_key)
+    public, secret = zmq.auth.load_certificate(curve_key)
+    if secret is None:
+        raise click.UsageError(f"{curve_key} holds no secret key")
+    return CurveClient(server_public, public, secret)
 
 
 @main.group("config")
@@ -210,3 +245,12 @@ def keygen(directory: str, name: str) -> None:
     public, secret = zmq.auth.create_certificates(directory, name)
     Path(secret).chmod(0o600)
     click.echo(f"public: {public}\nsecret: {secret}")
+
+
+def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    return config_option(preset_option(f))
+
+
+main.add_command(answers.history_command(_load, _config_options))
+main.add_command(answers.explain_group(_load, _config_options))
+main.add_command(answers.kinds_command)

@@ -37,6 +37,7 @@ def preset_values(name: str) -> dict[str, Any]:
         "restart": {"max_delay": 5.0, "stable_after": 10.0, "flap_window": 30.0,
                     "reprobe_interval": 60.0, "jitter": 0.2, "initial_delay": 0.2},
         "fallback": {"process_poll_interval": 2.0, "file_poll_interval": 5.0},
+        "journal": {"path": "{runtime_dir}/journal/journal.db"},
     }
 
 

@@ -14,15 +14,37 @@ from typing import Any, Protocol
 
 import zmq
 
+from cnisup.protocol.control import request
+
+__all__ = ["COMMANDS", "handle", "request", "serve_one"]
+
+
+#: Events one replay request may ask for.
+MAX_REPLAY = 1000
+
 
 class Status(Protocol):
     def status(self) -> dict[str, Any]: ...
+    def replay(self, incarnation: str, from_seq: int, to_seq: int) -> dict[str, Any]: ...
 
 
 def cmd_status(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
     """status: each worker's state, pid, source, incarnation, restarts, last
     exit, fallback reason, events sent and dropped; the supervisor's own."""
     return sup.status()
+
+
+def cmd_replay(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
+    """replay: the supervisor's own recent events as published, by seq:
+    {"incarnation", "from_seq", "to_seq"} -> {"envelopes": [payload text], "missing": [seq]}.
+    The journal fills the gap of what it could not hear (before it listened)."""
+    inc, first, last = req.get("incarnation"), req.get("from_seq"), req.get("to_seq")
+    if not isinstance(inc, str) or not all(isinstance(n, int) and not isinstance(n, bool) for n in (first, last)):
+        raise ValueError('expected {"incarnation": str, "from_seq": int, "to_seq": int}')
+    assert isinstance(first, int) and isinstance(last, int)
+    if not 1 <= first <= last or last - first >= MAX_REPLAY:
+        raise ValueError(f"from_seq..to_seq must be 1 <= from <= to, at most {MAX_REPLAY} events")
+    return sup.replay(inc, first, last)
 
 
 def cmd_help(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +54,7 @@ def cmd_help(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
 
 COMMANDS: dict[str, Callable[[Status, dict[str, Any]], dict[str, Any]]] = {
     "status": cmd_status,
+    "replay": cmd_replay,
     "help": cmd_help,
 }
 
@@ -56,20 +79,3 @@ def serve_one(sup: Status, sock: zmq.Socket[Any]) -> None:
     envelope = frames[1:-1]  # REQ adds an empty delimiter; keep what came
     reply = json.dumps(handle(sup, body), default=str).encode()
     sock.send_multipart([ident, *envelope, reply], zmq.NOBLOCK)
-
-
-def request(endpoint: str, cmd: str, *, timeout_ms: int = 3000, **fields: Any) -> dict[str, Any]:
-    """Client side, used by ``cnisup status``; any program can do the same."""
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send(json.dumps({"cmd": cmd, **fields}).encode())
-        if not sock.poll(timeout_ms):
-            raise TimeoutError(f"no answer from {endpoint} within {timeout_ms} ms "
-                               "(is cnisup start running with this config?)")
-        reply: dict[str, Any] = json.loads(sock.recv())
-        return reply
-    finally:
-        sock.close(linger=0)

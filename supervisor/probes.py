@@ -27,9 +27,9 @@ class Choice:
 def choose(cfg: Config, family: Family) -> Choice:
     """Which worker runs ``family`` and why."""
     probes: dict[str, Probe] = {}
-    if not getattr(cfg.monitors, family.name):
-        return Choice(family.name, False, None, f"monitors.{family.name}: false", probes)
-    if not getattr(cfg, family.prefer_key):
+    if not cfg.lookup(family.enabled_key):
+        return Choice(family.name, False, None, f"{family.enabled_key}: false", probes)
+    if family.prefer_key is not None and not cfg.lookup(family.prefer_key):
         probes[family.fallback.name] = family.fallback.probe()(cfg)
         return Choice(family.name, True, family.fallback,
                       f"{family.prefer_key}: false", probes)

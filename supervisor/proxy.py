@@ -43,6 +43,9 @@ class ProxySettings:
     worker_uid: int | None = None
     curve_secret_file: str = ""
     curve_authorized_dir: str = ""
+    #: private ipc XPUB for the journal (same stream as subscribers see), and its queue
+    consumer_endpoint: str | None = None
+    consumer_hwm: int = 100_000
 
 
 class ProxyError(RuntimeError):
@@ -85,6 +88,8 @@ class Proxy:
         xpub.setsockopt(zmq.SNDHWM, s.hwm)
         control.connect(_CONTROL)
         self._bind_private(xsub)
+        if s.consumer_endpoint:
+            self._bind_consumer(xpub)
         if s.curve_secret_file:
             self._curve_server(xpub)
         self._bind_public(xpub)
@@ -107,6 +112,20 @@ class Proxy:
             if s.worker_uid is not None:
                 os.chown(priv, s.worker_uid, -1)
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
+
+    def _bind_consumer(self, xpub: zmq.Socket[Any]) -> None:
+        """The journal's side of the XPUB: the workers' user only, its own
+        queue (a listener keeps the options it was bound with), no CURVE."""
+        s = self.settings
+        assert s.consumer_endpoint is not None
+        xpub.setsockopt(zmq.SNDHWM, s.consumer_hwm)
+        xpub.bind(s.consumer_endpoint)
+        xpub.setsockopt(zmq.SNDHWM, s.hwm)
+        path = _ipc_path(s.consumer_endpoint)
+        if path:
+            os.chmod(path, 0o600)
+            if s.worker_uid is not None:
+                os.chown(path, s.worker_uid, -1)
 
     def _curve_server(self, xpub: zmq.Socket[Any]) -> None:
         s = self.settings
@@ -194,7 +213,8 @@ class Proxy:
             self._control.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        for ep in [self.settings.bus_endpoint, *self.settings.public_endpoints]:
+        for ep in [self.settings.bus_endpoint, self.settings.consumer_endpoint or "",
+                   *self.settings.public_endpoints]:
             path = _ipc_path(ep)
             if path:
                 try:

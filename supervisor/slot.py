@@ -41,7 +41,7 @@ class State(enum.StrEnum):
     STOPPING = "stopping"  #: SIGTERM sent; waiting for the exit (then stopped, or the replacement starts)
     FAILED = "failed"  #: configuration error (78): not retried until a reload
     UNAVAILABLE = "unavailable"  #: neither worker can run here; re-probed later
-    DISABLED = "disabled"  #: monitors.<family>: false
+    DISABLED = "disabled"  #: turned off in the configuration (monitors.<family>, journal.enabled)
 
 
 S = State
@@ -163,6 +163,11 @@ class Slot:
         return self.state is S.RUNNING
 
     @property
+    def on_fallback(self) -> bool:
+        """The family runs, but on its fallback: degraded."""
+        return self.worker is not None and self.worker is self.family.fallback
+
+    @property
     def sent_total(self) -> int:
         """Events the worker processes of this slot said they published."""
         return self.sent_total_ended + self.sent
@@ -177,7 +182,8 @@ class Slot:
                 log.info("monitor family %s disabled (%s)", self.family.name, choice.reason)
                 self._change(S.DISABLED)
             return
-        if choice.worker is self.family.fallback and getattr(self.cfg, self.family.prefer_key):
+        if choice.worker is self.family.fallback and (self.family.prefer_key is None
+                                                      or self.cfg.lookup(self.family.prefer_key)):
             self.fallback_reason = choice.reason
             self.reprobe_at = self.w.clock.monotonic() + self.cfg.restart.reprobe_interval
             self._event(K.WORKER_FALLBACK, **{"from": self.family.primary.name, "to": self.family.fallback.name,
@@ -444,6 +450,7 @@ class Slot:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "fallback_reason": self.fallback_reason,
+            "degraded": self.on_fallback,
             "events_sent": self.sent,
             "events_dropped": self.dropped,
             "events_dropped_total": self.dropped_total,

@@ -44,6 +44,10 @@ log = logging.getLogger("cnisup.supervisor")
 RESTART_ONLY_KEYS = ("runtime_dir", "publish", "control")
 #: Seconds the last events may take through the proxy on the way out.
 FLUSH_TIMEOUT_S = 1.0
+#: Our own recent events kept for the journal's replay requests (supervisor events are rare).
+REPLAY_KEEP = 2000
+#: Seconds the other families wait for the journal to listen before they start anyway.
+JOURNAL_FIRST_S = 5.0
 
 
 class StartError(Exception):
@@ -90,6 +94,8 @@ class Supervisor:
         self.identity = self._identity()
         wiring = Wiring(spawn=self._spawn, publish=self.publish, choose=self._choose, clock=self.clock)
         self.slots = {name: Slot(fam, cfg, wiring) for name, fam in FAMILIES.items()}
+        self._deferred: list[Slot] = []
+        self._deferred_until = 0.0
         self.bus: Bus | None = None
         self.proxy: Proxy | None = None
         self.control: zmq.Socket[Any] | None = None
@@ -157,8 +163,12 @@ class Supervisor:
                  self.cfg.node_name, ", ".join(self.cfg.publish.endpoints), self.cfg.control.endpoint)
         self.publish(K.STARTED, {"pid": os.getpid(), "version": __version__, "config_path": self.config_path,
                                  "preset": self.cfg.preset, "endpoints": self.cfg.publish.endpoints})
-        for slot in self.slots.values():
-            slot.start()
+        self._prepare_dirs()
+        # The journal first, so it hears the other families from their first event.
+        journal = self.slots["journal"]
+        journal.start()
+        self._deferred = [s for s in self.slots.values() if s is not journal]
+        self._deferred_until = time.monotonic() + JOURNAL_FIRST_S
         try:
             self._loop()
         finally:
@@ -176,13 +186,14 @@ class Supervisor:
             hwm=self.cfg.publish.hwm, worker_gid=gid,
             worker_uid=self.identity.uid if os.geteuid() == 0 else None,
             curve_secret_file=curve.server_secret_key_file,
-            curve_authorized_dir=curve.authorized_keys_dir), self.ctx)
+            curve_authorized_dir=curve.authorized_keys_dir,
+            consumer_endpoint=self.cfg.consumer_endpoint, consumer_hwm=self.cfg.journal.queue), self.ctx)
         try:
             self.proxy.start()
         except ProxyError as exc:
             raise StartError(str(exc)) from exc
         stamp = envelope.Stamp("supervisor", self.cfg.node_name, self.incarnation)
-        self.bus = Bus(INPROC_BUS, stamp, context=self.ctx, sndhwm=self.cfg.workers.bus_hwm)
+        self.bus = Bus(INPROC_BUS, stamp, context=self.ctx, sndhwm=self.cfg.workers.bus_hwm, keep=REPLAY_KEEP)
         self.bus.wait_ready(5.0)
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -195,6 +206,14 @@ class Supervisor:
             os.chmod(path, 0o660)
             if gid is not None:
                 os.chown(path, 0, gid)
+
+    def _prepare_dirs(self) -> None:
+        """The runtime dir's journal directory, for the fallback journal (and the
+        development preset's), owned by the workers' user."""
+        d = os.path.dirname(self.cfg.journal_fallback_path)
+        os.makedirs(d, mode=0o750, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(d, self.identity.uid, self.identity.gid)
 
     def _enqueue(self, cmd: str) -> Callable[[int, FrameType | None], None]:
         """A signal handler that only queues ``cmd`` for the loop."""
@@ -213,6 +232,10 @@ class Supervisor:
             deadline = self._tick()
             if self.stopping and not any(s.child for s in self.slots.values()):
                 return
+            journal = self.slots["journal"]
+            if self.stopping and not journal.stopping and not any(s.child for s in self._monitors()):
+                journal.stop()  # last: it has heard everything the others said
+                continue
             self._poll(deadline)
             self._maybe_announce_ready()
 
@@ -253,7 +276,13 @@ class Supervisor:
     def _tick(self) -> float | None:
         """Every slot's due work; the earliest deadline of anything (None: none)."""
         now = time.monotonic()
+        if self._deferred and (self.slots["journal"].state is not State.STARTING or now >= self._deferred_until):
+            for slot in self._deferred:
+                slot.start()
+            self._deferred = []
         deadlines = [d for s in self.slots.values() if (d := s.tick()) is not None]
+        if self._deferred:
+            deadlines.append(self._deferred_until)
         if self._wd_interval:
             if now >= self._wd_next:
                 self._wd_next = now + self._wd_interval
@@ -288,7 +317,8 @@ class Supervisor:
         self.announced_ready = True
         down = [s.family.name for s in self.slots.values() if s.state in DOWN]
         self.publish(K.READY, {"workers": {s.family.name: s.worker.name for s in active if s.worker and s.ready},
-                               "degraded": lagging + down})
+                               "degraded": lagging + down,
+                               "fallback": [s.family.name for s in active if s.on_fallback]})
         sd_notify("READY=1")
 
     # -- reload and stop -----------------------------------------------------------
@@ -321,11 +351,16 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self._deferred = []
         log.info("stopping (%s)", why)
         sd_notify("STOPPING=1")
         self.publish(K.STOPPING, {"reason": why})
-        for slot in self.slots.values():
+        for slot in self._monitors():
             slot.stop()
+
+    def _monitors(self) -> list[Slot]:
+        """Every slot but the journal's."""
+        return [s for s in self.slots.values() if s.family.name != "journal"]
 
     def _shutdown(self) -> None:
         for slot in self.slots.values():  # only on an exception path
@@ -346,6 +381,13 @@ class Supervisor:
                 pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+
+    # -- control requests ------------------------------------------------------------
+    def replay(self, incarnation: str, from_seq: int, to_seq: int) -> dict[str, Any]:
+        recent = self.bus.recent if self.bus is not None and incarnation == self.incarnation else {}
+        seqs = range(from_seq, to_seq + 1)
+        return {"envelopes": [recent[n].decode() for n in seqs if n in recent],
+                "missing": [n for n in seqs if n not in recent]}
 
     # -- status -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

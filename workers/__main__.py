@@ -73,6 +73,7 @@ def _run(spec: WorkerSpec, cfg: Config, status_fd: int) -> None:
         ctx = WorkerContext(info, cfg, bus, status_fd, _stop_pipe())
         worker = info.load()(ctx)
         bus.wait_ready(cfg.workers.ready_timeout)
+        worker.prepare()
         ctx.status("ready", pid=os.getpid())
         ctx.heartbeat(force=True)
         worker.run()

@@ -145,5 +145,9 @@ class Worker(abc.ABC):
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
 
+    def prepare(self) -> None:  # noqa: B027 - optional hook, most workers have nothing to do here
+        """Work that needs the bus and must be done before the worker reports
+        ready (the constructor runs before the bus is up)."""
+
     @abc.abstractmethod
     def run(self) -> None: ...

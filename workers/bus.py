@@ -15,6 +15,7 @@ than PUB for two reasons:
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
 
@@ -36,11 +37,15 @@ class Bus:
         sndhwm: int = 10_000,
         context: zmq.Context[Any] | None = None,
         linger_ms: int = 2_000,
+        keep: int = 0,
     ) -> None:
         self._ctx = context or zmq.Context.instance()
         self.stamp = stamp
         self.sent = 0
         self.dropped = 0
+        #: the last ``keep`` payloads sent, by seq (the supervisor replays its own to the journal)
+        self.recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._keep = keep
         self.sock: zmq.Socket[Any] = self._ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.XPUB_NODROP, 1)
@@ -57,6 +62,18 @@ class Bus:
             if self.sock.poll(left_ms) and self.sock.recv() == b"\x01":
                 return
 
+    def wait_subscription(self, topic: bytes, timeout_s: float) -> None:
+        """Block until a subscriber's subscription to ``topic`` comes back up
+        through the proxy: proof that a SUB socket is attached to the proxy's
+        XPUB (the proxy passes each new subscription to every publisher)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise BusNotReady(f"our own subscription did not come back within {timeout_s:.1f} s")
+            if self.sock.poll(left_ms) and self.sock.recv() == b"\x01" + topic:
+                return
+
     def drain(self) -> None:
         """Discard subscription messages forwarded from external subscribers, so
         they do not pile up in the receive queue."""
@@ -69,13 +86,18 @@ class Bus:
     def publish(self, kind: str, data: dict[str, Any], ts: int | None = None) -> bool:
         """Send one event without ever blocking; count it as dropped at the
         high-water mark. Returns whether it was queued."""
-        frames = envelope.encode(self.stamp.build(kind, data, ts))
+        env = self.stamp.build(kind, data, ts)
+        frames = envelope.encode(env)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             return False
         self.sent += 1
+        if self._keep:
+            self.recent[env["seq"]] = frames[1]
+            if len(self.recent) > self._keep:
+                self.recent.popitem(last=False)
         return True
 
     def close(self, linger_ms: int | None = None) -> None:

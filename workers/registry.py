@@ -40,7 +40,8 @@ class Family:
     name: str
     primary: WorkerInfo
     fallback: WorkerInfo
-    prefer_key: str  #: config key that says "prefer the primary"
+    enabled_key: str  #: config key that turns the family on
+    prefer_key: str | None  #: config key that says "prefer the primary" (None: always, when it can run)
 
 
 def _w(name: str, family: str, role: str, privileged: bool, module: str, cls: str, probe: str) -> WorkerInfo:
@@ -49,10 +50,21 @@ def _w(name: str, family: str, role: str, privileged: bool, module: str, cls: st
 
 
 FAMILIES: dict[str, Family] = {
+    # First: the supervisor starts the other families once the journal listens.
+    "journal": Family(
+        name="journal",
+        primary=_w("journal", "journal", "primary", False, "writer", "JournalWorker", "journal"),
+        # The same writer on a smaller file in the runtime dir, when journal.path is unusable.
+        fallback=_w("journal-runtime", "journal", "fallback", False, "writer", "RuntimeJournalWorker",
+                    "journal_runtime"),
+        enabled_key="journal.enabled",
+        prefer_key=None,
+    ),
     "config": Family(
         name="config",
         primary=_w("inotify", "config", "primary", False, "inotify", "InotifyWorker", "inotify"),
         fallback=_w("file-poll", "config", "fallback", False, "filepoll", "FilePollWorker", "file_poll"),
+        enabled_key="monitors.config",
         prefer_key="use_inotify",
     ),
     "kernel": Family(
@@ -61,12 +73,14 @@ FAMILIES: dict[str, Family] = {
         # Privileged too: /proc/<pid>/environ of plugins run by root (the
         # runtime's CNI_* variables) is readable only with root's ptrace access.
         fallback=_w("proc-poll", "kernel", "fallback", True, "procpoll", "ProcPollWorker", "proc_poll"),
+        enabled_key="monitors.kernel",
         prefer_key="use_ebpf",
     ),
     "k8s": Family(
         name="k8s",
         primary=_w("k8s-informer", "k8s", "primary", False, "informer", "K8sInformerWorker", "informer"),
         fallback=_w("kubectl", "k8s", "fallback", False, "kubectl", "KubectlWorker", "kubectl"),
+        enabled_key="monitors.k8s",
         prefer_key="use_k8s_informer",
     ),
 }
