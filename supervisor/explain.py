@@ -23,6 +23,8 @@ from cnisup.workers.journal.schema import normal_ip
 ATTEMPT_GAP_S = 5.0
 #: How far before the first failure configuration changes are shown.
 CONFIG_WINDOW_S = 600.0
+#: The API server's view of a pod's IPs may lag the CNI runs by this much.
+K8S_LAG_S = 60.0
 #: Characters of a plugin's stderr kept in the story.
 STDERR_MAX = 500
 
@@ -32,6 +34,11 @@ _CONFIG_CONTENT = (ConfigKind.CONFIG_DISCOVERED, ConfigKind.CONFIG_CREATED, Conf
 
 def _ns(ts: int) -> str:
     return rfc3339(ts)
+
+
+def _plain(envs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events inside a story: kind, time (RFC 3339), source and their data."""
+    return [{"kind": e["kind"], "time": _ns(e["ts"]), "source": e["source"], "data": e["data"]} for e in envs]
 
 
 @dataclass
@@ -79,7 +86,7 @@ class Run:
         if d.get("stderr"):
             out["stderr"] = str(d["stderr"])[:STDERR_MAX]
         out["ipam"] = [r.to_json() for r in self.ipam]
-        out["events"] = [{"kind": e["kind"], "time": _ns(e["ts"]), **e["data"]} for e in self.events]
+        out["events"] = _plain(self.events)
         return out
 
 
@@ -140,11 +147,9 @@ class Story:
     verdict: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        def plain(envs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{"kind": e["kind"], "time": _ns(e["ts"]), **e["data"]} for e in envs]
         return {"subject": self.subject, "verdict": self.verdict,
-                "attempts": [a.to_json() for a in self.attempts], "k8s": plain(self.k8s),
-                "config_changes": plain(self.config_changes), "losses": plain(self.losses)}
+                "attempts": [a.to_json() for a in self.attempts], "k8s": _plain(self.k8s),
+                "config_changes": _plain(self.config_changes), "losses": _plain(self.losses)}
 
 
 # -- building --------------------------------------------------------------------------------
@@ -371,16 +376,17 @@ def explain_ip(journal: Journal, address: str, *, at_ns: int | None = None) -> d
         elif env["kind"] in (K8sKind.POD_IP_ALLOCATED, K8sKind.POD_IP_CHANGED, K8sKind.POD_IP_RELEASED):
             pod = f"{d.get('namespace')}/{d.get('name')}"
             evidence = {"kind": env["kind"], "time": _ns(env["ts"])}
-            mine = next((h for h in reversed(holdings) if h.holder.get("pod") == pod), None)
-            if env["kind"] == K8sKind.POD_IP_RELEASED or ip not in (d.get("ips") or []):
-                if mine is not None:
-                    mine.evidence.append(evidence)
-                    if mine.end_ns is None:
-                        mine.end_ns = env["ts"]
-            elif mine is None or mine.end_ns is not None:
-                holdings.append(Holding({"pod": pod, "uid": d.get("uid")}, env["ts"], None, [evidence]))
-            else:
+            # The pod's holding this event belongs to: the API server reports
+            # after the CNI run, and may report a release after the DEL.
+            mine = next((h for h in reversed(holdings) if h.holder.get("pod") == pod
+                         and (h.end_ns is None or env["ts"] <= h.end_ns + int(K8S_LAG_S * 1e9))), None)
+            releases = env["kind"] == K8sKind.POD_IP_RELEASED or ip not in (d.get("ips") or [])
+            if mine is not None:
                 mine.evidence.append(evidence)
+                if releases and mine.end_ns is None:
+                    mine.end_ns = env["ts"]
+            elif not releases:
+                holdings.append(Holding({"pod": pod, "uid": d.get("uid")}, env["ts"], None, [evidence]))
     holdings.sort(key=lambda h: h.start_ns)
     out: dict[str, Any] = {"subject": {"kind": "ip", "address": ip}, "holders": [h.to_json() for h in holdings]}
     if at_ns is not None:

@@ -101,7 +101,8 @@ def _summary(env: dict[str, Any]) -> str:
         if kind.startswith("link."):
             peer = f" peer {d['peer']}" if d.get("peer") else ""
             return f"{d.get('name') or d.get('ifindex')} {d.get('kind') or ''}{peer}{by}".replace("  ", " ")
-        return f"{d.get('netns')}{by}"
+        where = d.get("netns") or (f"fd {d.get('fd')}" if "fd" in d else "?")
+        return f"{where}{by}"
     if kind == MonitorKind.WARNING:
         return f"{d.get('worker')} {d.get('code')}: {_short(d.get('message'))}"
     if kind == JournalKind.LOSS:
@@ -188,17 +189,18 @@ def story_lines(story: dict[str, Any], *, color: bool) -> list[str]:
         head += f"; containers {', '.join(c[:12] for c in subject['containers'])}"
     items: list[tuple[str, list[str]]] = []  # (rfc3339 time, lines)
     for c in story["config_changes"]:
-        what = c["kind"].rsplit(".", 1)[-1]
-        net = f" (network {c['network']})" if c.get("network") else ""
-        bad = paint(f" INVALID: {c.get('error')}", fg="yellow") if c.get("valid") is False else ""
-        items.append((c["time"], [f"config  {c.get('path')} {what}{net}{bad}"]))
+        what, d = c["kind"].rsplit(".", 1)[-1], c["data"]
+        net = f" (network {d['network']})" if d.get("network") else ""
+        bad = paint(f" INVALID: {d.get('error')}", fg="yellow") if d.get("valid") is False else ""
+        items.append((c["time"], [f"config  {d.get('path')} {what}{net}{bad}"]))
     for k in story["k8s"]:
+        d = k["data"]
         if k["kind"] == "k8s.pod.event":
-            line = f"k8s     {k.get('type', '')} {k.get('reason')}: {_short(k.get('message'), 400)}"
-            items.append((k["time"], [paint(line, fg="yellow") if k.get("type") == "Warning" else line]))
+            line = f"k8s     {d.get('type', '')} {d.get('reason')}: {_short(d.get('message'), 400)}"
+            items.append((k["time"], [paint(line, fg="yellow") if d.get("type") == "Warning" else line]))
         else:
-            items.append((k["time"], [f"k8s     {k['kind'].rsplit('.', 1)[-1]} {','.join(k.get('ips') or [])}"
-                                      + (f" ({k['reason']})" if k.get("reason") else "")]))
+            items.append((k["time"], [f"k8s     {k['kind'].rsplit('.', 1)[-1]} {','.join(d.get('ips') or [])}"
+                                      + (f" ({d['reason']})" if d.get("reason") else "")]))
     for a in story["attempts"]:
         lines = [f"{a['command']:7} container {str(a.get('container_id'))[:12]} {a.get('ifname')} network "
                  f"{a.get('network')} netns {a.get('netns')}"]
@@ -211,8 +213,9 @@ def story_lines(story: dict[str, Any], *, color: bool) -> list[str]:
             lines += _plugin_lines(p, paint, indent="          ")
         items.append((a["started"], lines))
     for loss in story["losses"]:
-        items.append((loss["time"], [paint(f"journal {loss.get('lost')} event(s) of {loss.get('source')} lost: "
-                                           f"{loss.get('reason')}", fg="yellow")]))
+        d = loss["data"]
+        items.append((loss["time"], [paint(f"journal {d.get('lost')} event(s) of {d.get('source')} lost: "
+                                           f"{d.get('reason')}", fg="yellow")]))
     out = [head]
     for when, lines in sorted(items, key=lambda x: x[0]):
         out.append(f"{_t(when, clock)}  {lines[0]}")
@@ -235,10 +238,16 @@ def _plugin_lines(p: dict[str, Any], paint: Any, *, indent: str) -> list[str]:
         line += " " + _ips(p)
     lines = [line]
     for e in p.get("events", []):
-        lines.append(f"{indent}  {e['kind']:14} {_summary({'kind': e['kind'], 'data': e})}")
+        if e["kind"] in _STORY_KINDS:  # the rest (link.changed, netns.entered) is in --json
+            lines.append(f"{indent}  {e['kind']:14} {_summary(e)}")
     for child in p.get("ipam", []):
         lines += _plugin_lines(child, paint, indent=indent + "  ipam ")
     return lines
+
+
+#: What a run did that the human story shows.
+_STORY_KINDS = frozenset({KernelKind.LINK_CREATED, KernelKind.LINK_DELETED, KernelKind.LINK_MOVED,
+                          KernelKind.ADDR_ADDED, KernelKind.ADDR_DELETED, KernelKind.NETNS_CREATED})
 
 
 def ip_lines(report: dict[str, Any], *, color: bool) -> list[str]:
