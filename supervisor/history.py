@@ -316,17 +316,20 @@ class Stitch:
         """What to show for one live envelope (events the journal had not yet
         committed first), and how many of the events in between were lost."""
         inc, seq = env["incarnation"], env["seq"]
-        covered = self.covered.get(inc)
-        if covered is not None and seq <= covered:
+        known = inc in self.covered
+        covered = self.covered.get(inc, 0)
+        if seq <= covered:
             return [], 0  # already shown from the journal
         out: list[dict[str, Any]] = []
         lost = 0
-        if covered is not None and seq > covered + 1:
+        if seq > covered + 1:
+            # Committed after our snapshot (or, for an incarnation the snapshot did
+            # not have yet, maybe before ``since``: ``match`` decides).
             found = self._catch_up(inc, covered, seq - 1)
             out += [e for e in found if self.match(e)]
-            lost = (seq - 1 - covered) - len(found)
-        if covered is not None:
-            self.covered[inc] = seq
+            if known:  # of an incarnation it had never heard of, the journal may hold nothing on purpose
+                lost = (seq - 1 - covered) - len(found)
+        self.covered[inc] = seq
         if self.match(env):
             out.append(env)
         return out, lost
