@@ -17,19 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bus, config_family, k8s_family, kernel_family, startup
+from . import bus, config_family, journal, k8s_family, kernel_family, startup
 from .common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
 Comparison = Callable[[bool], tuple[list[dict[str, Any]], dict[str, Any]]]
-#: In the issue's order: kernel (1, 2), config (3), k8s (4), bus (5), start-up (6).
+#: kernel (1, 2), config (3), k8s (4), bus (5), start-up (6), journal (7).
 COMPARISONS: dict[str, Comparison] = {
     "kernel": kernel_family.run,
     "config": config_family.run,
     "k8s": k8s_family.run,
     "bus": bus.run,
     "startup": startup.run,
+    "journal": journal.run,
 }
 
 

@@ -18,7 +18,6 @@ from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import CurveClient, Subscriber
 from cnisup.supervisor import __version__, answers, config, control, probes, render
 from cnisup.supervisor.history import Filters, Match, Stitch
-from cnisup.supervisor.supervisor import StartError, Supervisor
 
 EX_START_FAILED = 1
 
@@ -51,6 +50,9 @@ def start(config_path: str | None, preset: str | None, log_level: str | None) ->
     cfg = _load(config_path, preset, log_level)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Here, not at the top: the commands that only read (history, explain) start faster without it.
+    from cnisup.supervisor.supervisor import StartError, Supervisor
+
     sup = Supervisor(cfg, config_path=config_path, preset=preset, log_level=log_level)
     try:
         code = sup.run()

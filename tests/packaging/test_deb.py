@@ -206,6 +206,8 @@ def test_files(built: Build) -> None:
     assert (root / "lib/systemd/system/cnisup.service").read_text() == UNIT_SRC.read_text()
     assert (root / "usr/share/man/man1/cnisup.1.gz").is_file()
     assert (root / "usr/share/doc/cnisup/copyright").is_file()
+    completion = (root / "usr/share/bash-completion/completions/cnisup").read_text()
+    assert "_cnisup_completion()" in completion and "complete " in completion
     assert (root / "etc/cnisup/config.yaml").read_text().count("\npreset: production\n") == 1
     everything = [p for p in root.rglob("*")]
     assert not [p for p in everything if p.name == "__pycache__" or p.suffix == ".pyc"], "bytecode is postinst's job"
@@ -304,6 +306,8 @@ def test_installed(installed: Build) -> None:
     assert pw.pw_dir == "/nonexistent" and pw.pw_uid < 1000 and grp.getgrgid(pw.pw_gid).gr_name == "cnisup"
     assert not Path("/nonexistent").exists()
     assert Path("/etc/systemd/system/multi-user.target.wants/cnisup.service").is_symlink()
+    journal = Path("/var/lib/cnisup").stat()
+    assert (journal.st_uid, journal.st_gid, journal.st_mode & 0o777) == (pw.pw_uid, pw.pw_gid, 0o750)
     version = _pyproject()["project"]["version"]
     out = _run(["/usr/bin/cnisup", "--version"], cwd="/")
     assert out.returncode == 0 and out.stdout.strip() == f"cnisup, version {version}", out.stdout + out.stderr
@@ -469,7 +473,8 @@ def test_purge_leaves_nothing_behind(installed: Build) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert _package_state() == "not-installed"
     left = [p for p in ("/opt/cnisup", "/etc/cnisup", "/usr/bin/cnisup", "/lib/systemd/system/cnisup.service",
-                        "/usr/share/doc/cnisup", "/usr/share/man/man1/cnisup.1.gz", "/run/cnisup",
+                        "/usr/share/doc/cnisup", "/usr/share/man/man1/cnisup.1.gz", "/run/cnisup", "/var/lib/cnisup",
+                        "/usr/share/bash-completion/completions/cnisup",
                         "/etc/systemd/system/multi-user.target.wants/cnisup.service")
             if os.path.lexists(p)]
     left += [str(p) for p in Path("/var/lib/dpkg/info").glob("cnisup.*")]

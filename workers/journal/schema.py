@@ -60,7 +60,12 @@ INSERT OR IGNORE INTO events (ts, kind, source, node, incarnation, seq, pod_ns, 
 VALUES (:ts, :kind, :source, :node, :incarnation, :seq, :pod_ns, :pod_name, :pod_uid,
         :container_id, :netns, :run_id, :path, :failed, :envelope)
 """
-INSERT_IP = "INSERT INTO event_ips (event, ip) VALUES (?, ?)"
+#: The IPs of an event just inserted, found by its (incarnation, seq); a duplicate event adds none.
+INSERT_IP = """
+INSERT INTO event_ips (event, ip)
+SELECT id, ?3 FROM events WHERE incarnation = ?1 AND seq = ?2
+  AND NOT EXISTS (SELECT 1 FROM event_ips WHERE event = events.id AND ip = ?3)
+"""
 UPSERT_INCARNATION = """
 INSERT INTO incarnations (incarnation, source, last_seq, last_ts) VALUES (?, ?, ?, ?)
 ON CONFLICT (incarnation) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq), last_ts = excluded.last_ts

@@ -78,20 +78,23 @@ class Store:
         """One transaction: each (envelope, payload text). Returns the rows
         added (a duplicate incarnation+seq is ignored). ``DiskFull`` leaves
         nothing written."""
-        added = 0
+        rows: list[dict[str, Any]] = []
+        ips: list[tuple[str, int, str]] = []
         last: dict[str, tuple[str, int, int]] = {}
+        for env, text in batch:
+            values, found = schema.row(env, text)
+            rows.append(values)
+            inc, seq = env["incarnation"], env["seq"]
+            ips += [(inc, seq, ip) for ip in found]
+            if seq > last.get(inc, ("", 0, 0))[1]:
+                last[inc] = (env["source"], seq, env["ts"])
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            for env, text in batch:
-                values, ips = schema.row(env, text)
-                cur = self.db.execute(schema.INSERT_EVENT, values)
-                if cur.rowcount:
-                    added += 1
-                    if ips:
-                        self.db.executemany(schema.INSERT_IP, [(cur.lastrowid, ip) for ip in ips])
-                inc = env["incarnation"]
-                if env["seq"] > last.get(inc, ("", 0, 0))[1]:
-                    last[inc] = (env["source"], env["seq"], env["ts"])
+            before = self.db.total_changes
+            self.db.executemany(schema.INSERT_EVENT, rows)
+            added = self.db.total_changes - before
+            if ips:  # rare (plugin results, addresses, pod IPs): found by the unique (incarnation, seq)
+                self.db.executemany(schema.INSERT_IP, ips)
             self.db.executemany(schema.UPSERT_INCARNATION, [(i, *v) for i, v in last.items()])
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
