@@ -61,6 +61,11 @@ MOVES: dict[State, frozenset[State]] = {
 DOWN = frozenset({S.FAILED, S.UNAVAILABLE})
 
 
+#: How the log names a worker ("Using eBPF monitor for the kernel family").
+_DISPLAY = {"ebpf": "eBPF monitor", "inotify": "inotify monitor", "k8s-informer": "Kubernetes informer",
+            "journal": "the journal", "journal-runtime": "the runtime-dir journal"}
+
+
 class IllegalMove(RuntimeError):
     """A state change that ``MOVES`` does not allow: a bug in the slot."""
 
@@ -145,6 +150,7 @@ class Slot:
         self._stop_deadline: float | None = None
         self._kill_reason: str | None = None
         self._replacement: _Replacement | None = None
+        self._announced: WorkerInfo | None = None  #: the worker last named in the log
 
     # -- the one way the state changes --------------------------------------------------
     def _change(self, to: State, kind: str | None = None, **data: Any) -> None:
@@ -199,7 +205,13 @@ class Slot:
         self._exit_reason = self._kill_reason = None
         self.info = {}
         incarnation = envelope.new_incarnation()
-        log.debug("Using %s monitor for the %s family (%s)", worker.name, self.family.name, reason)
+        if worker is not self._announced:  # once per choice, not at every restart
+            self._announced = worker
+            if worker is self.family.primary:
+                log.info("Using %s for the %s family", _DISPLAY.get(worker.name, worker.name), self.family.name)
+            else:
+                log.info("Using %s for the %s family: %s", _DISPLAY.get(worker.name, worker.name),
+                         self.family.name, reason)
         try:
             child = self.w.spawn(worker, incarnation)
         except OSError as exc:

@@ -356,3 +356,16 @@ def test_a_worker_that_cannot_be_executed_is_retried_later() -> None:
     w.spawn_error = None
     w.advance(w.cfg.restart.max_delay + 0.01)
     assert w.state() is State.STARTING
+
+
+def test_the_log_says_once_per_family_which_worker_runs_and_why(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="cnisup.supervisor")
+    w = World()
+    w.slot.start()
+    w.exit(1)
+    w.advance(5)  # restarted: the same choice is not logged again
+    w.exit(exitcodes.EX_NOPERM, reason="no BTF")
+    using = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Using ")]
+    assert using == ["Using eBPF monitor for the kernel family",
+                     "Using proc-poll for the kernel family: ebpf: no BTF"]
+    assert all(r.levelname == "INFO" for r in caplog.records if r.getMessage().startswith("Using "))
