@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: Envelope version. A breaking change to the envelope or to an existing
@@ -25,6 +25,8 @@ SOURCES = frozenset(
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 ENVELOPE_FIELDS = ("v", "id", "kind", "source", "node", "ts", "incarnation", "seq", "data")
+#: Optional fields (a consumer must not require them): ``kseq`` counts per kind.
+OPTIONAL_FIELDS = ("kseq",)
 
 
 class ProtocolError(ValueError):
@@ -46,12 +48,15 @@ def valid_kind(kind: str) -> bool:
 
 @dataclass
 class Stamp:
-    """Who is publishing: fixed for one incarnation; ``seq`` counts up by one per event."""
+    """Who is publishing: fixed for one incarnation; ``seq`` counts up by one
+    per event, ``kseq`` by one per event of the same kind (so a subscriber to
+    a topic prefix, which sees only some kinds, can still tell loss)."""
 
     source: str
     node: str
     incarnation: str
     seq: int = 0
+    kseqs: dict[str, int] = field(default_factory=dict)
 
     def build(self, kind: str, data: dict[str, Any], ts: int | None = None) -> dict[str, Any]:
         """Return the next envelope; consumes one sequence number even if it is
@@ -59,6 +64,7 @@ class Stamp:
         if not valid_kind(kind):
             raise ProtocolError(f"invalid event kind {kind!r}")
         self.seq += 1
+        kseq = self.kseqs[kind] = self.kseqs.get(kind, 0) + 1
         return {
             "v": VERSION,
             "id": f"{self.incarnation}-{self.seq}",
@@ -68,6 +74,7 @@ class Stamp:
             "ts": now_ns() if ts is None else int(ts),
             "incarnation": self.incarnation,
             "seq": self.seq,
+            "kseq": kseq,
             "data": data,
         }
 
@@ -96,6 +103,8 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
         raise ProtocolError(f"topic {topic!r} differs from kind {env['kind']!r}")
     if not isinstance(env["seq"], int) or env["seq"] < 1:
         raise ProtocolError(f"bad seq {env['seq']!r}")
+    if "kseq" in env and (not isinstance(env["kseq"], int) or env["kseq"] < 1):
+        raise ProtocolError(f"bad kseq {env['kseq']!r}")
     if not isinstance(env["ts"], int) or not isinstance(env["data"], dict):
         raise ProtocolError("bad ts or data")
     return env

@@ -35,6 +35,7 @@ class SupervisorKind(StrEnum):
     WORKER_FAILED = "supervisor.worker.failed"
     WORKER_UNRESPONSIVE = "supervisor.worker.unresponsive"
     LOSS = "supervisor.loss"
+    PROGRESS = "supervisor.progress"
     CONFIG_RELOADED = "supervisor.config.reloaded"
     CONFIG_RELOAD_FAILED = "supervisor.config.reload_failed"
 
@@ -190,6 +191,11 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     SupervisorKind.LOSS: ("events were dropped (bus high-water mark, ring buffer)", obj(
         ["family", "worker", "incarnation", "where", "dropped", "dropped_total"],
         {**_W, "incarnation": S, "where": S, "dropped": INT, "dropped_incarnation": INT, "dropped_total": INT})),
+    SupervisorKind.PROGRESS: ("where each incarnation stands: its last seq, and per kind its last kseq", obj(
+        ["incarnations"], {"incarnations": {"type": "array", "items": obj(
+            ["incarnation", "source", "seq", "kseq"],
+            {"incarnation": S, "source": S, "seq": INT, "kseq": {"type": "object", "additionalProperties": INT},
+             "ended": B})}})),
     SupervisorKind.CONFIG_RELOADED: ("SIGHUP: the configuration was re-read", obj(
         ["changed", "ignored"], {"changed": STRS, "ignored": STRS})),
     SupervisorKind.CONFIG_RELOAD_FAILED: ("SIGHUP: the new file is invalid; nothing changed", obj(
@@ -278,6 +284,8 @@ def envelope_schema() -> dict[str, Any]:
             "ts": {"type": "integer", "minimum": 0, "description": "nanoseconds since the Unix epoch"},
             "incarnation": {"type": "string", "minLength": 1},
             "seq": {"type": "integer", "minimum": 1},
+            "kseq": {"type": "integer", "minimum": 1,
+                     "description": "per incarnation and kind: 1, 2, 3 ... (loss detection by topic prefix)"},
             "data": {"type": "object"},
         },
         "additionalProperties": False,

@@ -194,6 +194,10 @@ class Publish:
                                    "XPUB endpoints subscribers connect to (ipc:// or tcp://)", check=not_empty)
     hwm: int = setting(100_000, "Messages queued per subscriber before that subscriber loses events",
                        check=positive)
+    progress_interval: Seconds = setting(
+        30.0, "At most this often, and only after events were published, supervisor.progress tells every "
+              "live incarnation's last seq: a subscriber sees loss at the end of a stream within this long",
+        check=positive)
     curve: Curve = section(Curve)
 
     def validate(self) -> None:

@@ -1,15 +1,25 @@
 """A subscriber helper: connect to cnisup's public endpoints, decode
-envelopes, and detect sequence gaps (lost events) per incarnation.
+envelopes, and see every loss (docs/PROTOCOL.md, "Incarnations, sequence
+numbers and loss").
 
-Gap detection is only meaningful for a subscription that receives *every*
-event of a source (no topic prefix filter): a worker numbers all its events in
-one sequence, so a prefix filter leaves holes that are not losses. Filter on
-the client side when you need loss detection and a subset.
+* A hole in an incarnation's ``seq`` is loss, for a subscriber of every
+  topic. A subscriber of topic prefixes sees only some kinds, so it checks
+  ``kseq`` (counted per incarnation and kind) instead.
+* ``supervisor.progress`` (every ``publish.progress_interval`` while events
+  flow, and at the end) tells where each incarnation stands: what has not
+  arrived a grace period later was lost, even at the end of a stream. The
+  helper subscribes to it (and to ``supervisor.worker.started``) whatever the
+  prefixes, and hands them out only if they match.
+* ``supervisor.worker.started`` announces an incarnation: its events start at
+  1, so a missed first event is seen too. A new subscriber seeds its starting
+  point with the control socket's ``progress`` (``seed``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,38 +27,115 @@ import zmq
 
 from . import envelope
 
+#: Topics the helper always needs, whatever the caller's prefixes.
+PROGRESS = "supervisor.progress"
+STARTED = "supervisor.worker.started"
+#: Seconds after a progress event by which the events it counts must have arrived.
+GRACE_S = 2.0
+
 
 @dataclass(frozen=True)
 class Gap:
-    """Events ``expected`` .. ``got - 1`` of ``incarnation`` never arrived."""
+    """Events ``expected`` .. ``got - 1`` of ``incarnation`` (of ``kind``, when
+    counted per kind) never arrived."""
 
     source: str
     incarnation: str
     expected: int
     got: int
+    kind: str | None = None
 
     @property
     def lost(self) -> int:
         return self.got - self.expected
 
 
+Key = tuple[str, str | None]  # (incarnation, kind or None)
+
+
 class GapDetector:
-    """Remembers the last seq per incarnation (a bounded number of them)."""
+    """Remembers the last seq per incarnation (per incarnation and kind with
+    ``by_kind``), a bounded number of them."""
 
-    def __init__(self, *, max_incarnations: int = 4096) -> None:
-        self._last: OrderedDict[str, int] = OrderedDict()
-        self._max = max_incarnations
+    def __init__(self, *, by_kind: bool = False, max_keys: int = 16384, grace_s: float = GRACE_S) -> None:
+        self.by_kind = by_kind
+        self._last: OrderedDict[Key, int] = OrderedDict()
+        self._fresh: OrderedDict[str, None] = OrderedDict()  #: announced incarnations: their counts start at 0
+        self._expect: dict[Key, tuple[int, float, str]] = {}
+        self._max = max_keys
+        self.grace_s = grace_s
 
-    def observe(self, env: dict[str, Any]) -> Gap | None:
-        inc, seq = env["incarnation"], env["seq"]
-        last = self._last.get(inc)
-        self._last[inc] = seq if last is None else max(last, seq)
-        self._last.move_to_end(inc)
+    def _key(self, env: dict[str, Any]) -> tuple[Key, int] | None:
+        if not self.by_kind:
+            return (env["incarnation"], None), env["seq"]
+        if not isinstance(env.get("kseq"), int):
+            return None  # a producer that does not count per kind: nothing to tell from
+        return (env["incarnation"], env["kind"]), env["kseq"]
+
+    def _remember(self, key: Key, n: int) -> None:
+        self._last[key] = n
+        self._last.move_to_end(key)
         while len(self._last) > self._max:
             self._last.popitem(last=False)
-        if last is not None and seq > last + 1:
-            return Gap(env["source"], inc, last + 1, seq)
+
+    def observe(self, env: dict[str, Any]) -> Gap | None:
+        got = self._key(env)
+        if got is None:
+            return None
+        key, n = got
+        last = self._last.get(key)
+        if last is None and env["incarnation"] in self._fresh:
+            last = 0
+        self._remember(key, n if last is None else max(last, n))
+        if last is not None and n > last + 1:
+            return Gap(env["source"], env["incarnation"], last + 1, n, key[1])
         return None
+
+    def started(self, incarnation: str) -> None:
+        """An incarnation was announced before any of its events: they start at 1."""
+        self._fresh[incarnation] = None
+        while len(self._fresh) > self._max:
+            self._fresh.popitem(last=False)
+
+    def _targets(self, entries: Iterable[dict[str, Any]], wanted: Any) -> Iterable[tuple[Key, int, str]]:
+        for e in entries:
+            inc, source = e.get("incarnation"), e.get("source", "?")
+            if not isinstance(inc, str):
+                continue
+            if not self.by_kind and isinstance(e.get("seq"), int):
+                yield (inc, None), e["seq"], source
+            elif self.by_kind and isinstance(e.get("kseq"), dict):
+                for kind, n in e["kseq"].items():
+                    if isinstance(n, int) and wanted(kind):
+                        yield (inc, kind), n, source
+
+    def seed(self, entries: Iterable[dict[str, Any]], wanted: Any = lambda kind: True) -> None:
+        """Start counting from where each incarnation stands now (the control
+        socket's ``progress``): what follows must be contiguous."""
+        for key, n, _ in self._targets(entries, wanted):
+            self._remember(key, max(n, self._last.get(key, 0)))
+
+    def expect(self, entries: Iterable[dict[str, Any]], now: float, wanted: Any = lambda kind: True) -> None:
+        """A ``supervisor.progress``: these counts must have arrived within the grace period."""
+        for key, n, source in self._targets(entries, wanted):
+            self._expect[key] = (n, now + self.grace_s, source)
+
+    def overdue(self, now: float) -> list[Gap]:
+        """What a progress event promised and did not arrive in time. Only for
+        what this subscriber has seen (or seeded): what came before it
+        subscribed is not its loss."""
+        gaps = []
+        for key, (n, deadline, source) in list(self._expect.items()):
+            if now < deadline:
+                continue
+            del self._expect[key]
+            last = self._last.get(key)
+            if last is None and key[0] in self._fresh:
+                last = 0
+            if last is not None and last < n:
+                gaps.append(Gap(source, key[0], last + 1, n + 1, key[1]))
+                self._remember(key, n)
+        return gaps
 
 
 @dataclass(frozen=True)
@@ -61,7 +148,8 @@ class CurveClient:
 
 
 class Subscriber:
-    """A SUB socket on one or more endpoints; ``recv`` returns (envelope, gap)."""
+    """A SUB socket on one or more endpoints; ``recv`` returns (envelope, gap),
+    ``losses`` what progress events promised and never came."""
 
     def __init__(
         self,
@@ -80,20 +168,41 @@ class Subscriber:
             self.socket.curve_serverkey = curve.server_public
             self.socket.curve_publickey = curve.public
             self.socket.curve_secretkey = curve.secret
-        for prefix in topics or [""]:
+        self.prefixes = [t for t in topics or [] if t] or [""]
+        for prefix in {*self.prefixes, PROGRESS, STARTED}:
             self.socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         for ep in endpoints:
             self.socket.connect(ep)
-        self.gaps = GapDetector()
-        self.detect_gaps = not topics or topics == [""]
+        self.gaps = GapDetector(by_kind=self.prefixes != [""])
+        self.subscribed_at = time.time()
+
+    def wanted(self, kind: str) -> bool:
+        return any(kind.startswith(p) for p in self.prefixes)
+
+    def seed(self, entries: list[dict[str, Any]]) -> None:
+        self.gaps.seed(entries, self.wanted)
 
     def recv(self, timeout_ms: int | None = None) -> tuple[dict[str, Any], Gap | None] | None:
-        """Next envelope, or None on timeout. Raises ProtocolError on a bad message."""
-        if timeout_ms is not None and not self.socket.poll(timeout_ms):
-            return None
-        env = envelope.decode(self.socket.recv_multipart())
-        gap = self.gaps.observe(env) if self.detect_gaps else None
-        return env, gap
+        """Next envelope the caller asked for, or None on timeout. Raises
+        ProtocolError on a bad message."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if left is not None and not self.socket.poll(left):
+                return None
+            env = envelope.decode(self.socket.recv_multipart())
+            if env["kind"] == PROGRESS and isinstance(env["data"].get("incarnations"), list):
+                self.gaps.expect(env["data"]["incarnations"], time.monotonic(), self.wanted)
+            elif env["kind"] == STARTED and isinstance(env["data"].get("incarnation"), str):
+                self.gaps.started(env["data"]["incarnation"])
+            wanted = self.wanted(env["kind"])
+            gap = self.gaps.observe(env) if wanted or not self.gaps.by_kind else None
+            if wanted:
+                return env, gap
+
+    def losses(self) -> list[Gap]:
+        """Events a progress event counted that have not arrived in its grace period."""
+        return self.gaps.overdue(time.monotonic())
 
     def close(self) -> None:
         self.socket.close(linger=0)

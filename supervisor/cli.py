@@ -6,16 +6,18 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
+import zmq
 
-from cnisup.protocol import exitcodes
+from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.envelope import ProtocolError
-from cnisup.protocol.subscriber import CurveClient, Subscriber
+from cnisup.protocol.subscriber import STARTED, CurveClient, Gap, Subscriber
 from cnisup.supervisor import __version__, answers, config, control, probes, render
 from cnisup.supervisor.history import Filters, Match, Stitch
 
@@ -148,46 +150,134 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
          kinds: tuple[str, ...], pod: tuple[str, str] | None, namespace: str | None, container: str | None,
          failed: bool, output: str, as_json: bool, since: int | None, count: int, timeout: float,
          curve_server_key: str | None, curve_key: str | None) -> None:
-    """Subscribe and print events; reports sequence gaps (lost events)."""
-    eps = list(endpoints) or _load(config_path, preset).publish.endpoints
-    curve = _curve_client(curve_server_key, curve_key)
+    """Subscribe and print events; reports every loss (sequence gaps, and what
+    supervisor.progress says was published but never arrived)."""
+    cfg = None if endpoints else _load(config_path, preset)
+    eps = list(endpoints) or (cfg.publish.endpoints if cfg else [])
     filters = Filters(kinds=kinds, pod=pod, namespace=namespace, container=container, failed=failed)
     out = _Printer("json" if as_json else output)
-    with Subscriber(eps, topics=list(topics), curve=curve) as sub:
-        if not sub.detect_gaps:
-            click.echo("cnisup tail: topic filter set, so sequence gaps are not loss; gap detection off",
-                       err=True)
-        stitch = None
+    with Subscriber(eps, topics=list(topics), curve=_curve_client(curve_server_key, curve_key)) as sub:
+        follow = _Follow(sub, out, cfg.control.endpoint if cfg else None, Match(filters))
         if since is not None:
-            stitch = Stitch(answers.open_journal(lambda: _load(config_path, preset), ()),
-                            dataclasses.replace(filters, since_ns=since))
-            for env in stitch.replay():
+            follow.stitch = Stitch(answers.open_journal(lambda: _load(config_path, preset), ()),
+                                   dataclasses.replace(filters, since_ns=since))
+            for env in follow.stitch.replay():
                 out(env)
-        match = Match(filters)
+        follow.seed()
         try:
-            while not (count and out.seen >= count):
-                try:
-                    got = sub.recv(int(timeout * 1000) if timeout else None)
-                except ProtocolError as exc:
-                    click.echo(f"! malformed message: {exc}", err=True)
-                    continue
-                if got is None:
-                    break
-                env, gap = got
-                if gap is not None:
-                    click.echo(f"! lost {gap.lost} event(s) from {gap.source} incarnation {gap.incarnation} "
-                               f"(seq {gap.expected}..{gap.got - 1})", err=True)
-                if stitch is not None:
-                    shown, lost = stitch.live(env)
-                    if lost:
-                        click.echo(f"! lost {lost} event(s) from {env['source']} incarnation "
-                                   f"{env['incarnation']} between the journal and the live stream", err=True)
-                    for e in shown:
-                        out(e)
-                elif match(env):
-                    out(env)
+            follow.run(count=count, timeout_s=timeout)
         except KeyboardInterrupt:
             pass
+
+
+class _Follow:
+    """The live part of ``tail``: print what matches, report every loss, and
+    fetch the supervisor's own events it missed at the start (``replay``)."""
+
+    #: Seconds between looks at what progress events promised.
+    LOSS_CHECK_S = 1.0
+
+    def __init__(self, sub: Subscriber, out: _Printer, control_endpoint: str | None, match: Match) -> None:
+        self.sub, self.out, self.control, self.match = sub, out, control_endpoint, match
+        self.stitch: Stitch | None = None
+        self.seen: set[str] = set()
+
+    def seed(self) -> None:
+        """Where every incarnation stands now: what follows must be contiguous."""
+        if self.control is None:
+            return
+        time.sleep(0.2)  # our subscription reaches the proxy first
+        try:
+            reply = control.request(self.control, "progress", timeout_ms=1000)
+        except (TimeoutError, zmq.ZMQError, ValueError):
+            return  # no supervisor yet: its first events will be replayed on sight
+        if not (reply.get("ok") and isinstance(reply.get("incarnations"), list)):
+            return
+        entries = [e for e in reply["incarnations"] if isinstance(e, dict) and isinstance(e.get("incarnation"), str)]
+        self.sub.seed(entries)
+        self.seen |= {e["incarnation"] for e in entries}
+        for e in entries:  # the supervisor's events since we subscribed, before our subscription took
+            if e.get("source") == "supervisor" and isinstance(e.get("seq"), int) and e["seq"] > 0:
+                self._recover(e["incarnation"], 1, e["seq"])
+
+    def run(self, *, count: int, timeout_s: float) -> None:
+        quiet_since = time.monotonic()
+        while not (count and self.out.seen >= count):
+            wait = self.LOSS_CHECK_S if not timeout_s else min(self.LOSS_CHECK_S, timeout_s)
+            try:
+                got = self.sub.recv(int(wait * 1000))
+            except ProtocolError as exc:
+                click.echo(f"! malformed message: {exc}", err=True)
+                continue
+            for overdue in self.sub.losses():
+                self._lost(overdue)
+            if got is None:
+                if timeout_s and time.monotonic() - quiet_since >= timeout_s:
+                    return
+                continue
+            quiet_since = time.monotonic()
+            env, gap = got
+            if env["incarnation"] not in self.seen:
+                self.seen.add(env["incarnation"])
+                if env["source"] == "supervisor" and env["seq"] > 1:
+                    self._recover(env["incarnation"], 1, env["seq"] - 1)
+            if gap is not None:
+                self._lost(gap)
+            self._show(env)
+
+    def _show(self, env: dict[str, Any]) -> None:
+        if self.stitch is not None:
+            shown, lost = self.stitch.live(env)
+            if lost:
+                click.echo(f"! lost {lost} event(s) from {env['source']} incarnation {env['incarnation']} "
+                           "between the journal and the live stream", err=True)
+            for e in shown:
+                self.out(e)
+        elif self.match(env):
+            self.out(env)
+
+    def _lost(self, gap: Gap) -> None:
+        if gap.source == "supervisor" and gap.kind is None and self._recover(gap.incarnation, gap.expected,
+                                                                             gap.got - 1, all_of_it=True):
+            return
+        what = f"kind {gap.kind}, kseq" if gap.kind else "seq"
+        click.echo(f"! lost {gap.lost} event(s) from {gap.source} incarnation {gap.incarnation} "
+                   f"({what} {gap.expected}..{gap.got - 1})", err=True)
+
+    def _recover(self, incarnation: str, first: int, last: int, *, all_of_it: bool = False) -> bool:
+        """The supervisor's own events ``first..last`` from its replay buffer:
+        those published after we subscribed were lost to us, so show them.
+        True when every one of them could be shown (or did not concern us)."""
+        if self.control is None:
+            return False
+        try:
+            reply = control.request(self.control, "replay", timeout_ms=1000, incarnation=incarnation,
+                                    from_seq=first, to_seq=min(last, first + 999))
+        except (TimeoutError, zmq.ZMQError, ValueError):
+            return False
+        texts = reply.get("envelopes") if reply.get("ok") else None
+        if not isinstance(texts, list):
+            return False
+        since_ns = int(self.sub.subscribed_at * 1e9)
+        envs = sorted((e for t in texts if isinstance(t, str) and (e := _parse(t)) is not None),
+                      key=lambda e: e["seq"])
+        missed = [e for e in envs if all_of_it or e["ts"] >= since_ns]
+        if missed:
+            click.echo(f"! recovered {len(missed)} event(s) of the supervisor published before they "
+                       "reached us", err=True)
+        for env in missed:
+            if env["kind"] == STARTED and isinstance(env["data"].get("incarnation"), str):
+                self.sub.gaps.started(env["data"]["incarnation"])
+            self._show(env)
+        return len(envs) == last - first + 1
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        env: dict[str, Any] = json.loads(text)
+        return envelope.decode([str(env["kind"]).encode(), text.encode()])
+    except (ValueError, KeyError, TypeError, ProtocolError):
+        return None
 
 
 class _Printer:

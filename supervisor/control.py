@@ -26,6 +26,7 @@ MAX_REPLAY = 1000
 class Status(Protocol):
     def status(self) -> dict[str, Any]: ...
     def replay(self, incarnation: str, from_seq: int, to_seq: int) -> dict[str, Any]: ...
+    def progress(self) -> list[dict[str, Any]]: ...
 
 
 def cmd_status(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +48,12 @@ def cmd_replay(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
     return sup.replay(inc, first, last)
 
 
+def cmd_progress(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
+    """progress: every live incarnation's last seq (and per kind kseq), as in
+    supervisor.progress: a new subscriber's starting point for loss detection."""
+    return {"incarnations": sup.progress()}
+
+
 def cmd_help(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
     """help: the commands this socket answers."""
     return {"commands": {name: (fn.__doc__ or "").split("\n")[0] for name, fn in COMMANDS.items()}}
@@ -55,6 +62,7 @@ def cmd_help(sup: Status, req: dict[str, Any]) -> dict[str, Any]:
 COMMANDS: dict[str, Callable[[Status, dict[str, Any]], dict[str, Any]]] = {
     "status": cmd_status,
     "replay": cmd_replay,
+    "progress": cmd_progress,
     "help": cmd_help,
 }
 

@@ -141,6 +141,10 @@ class Slot:
         self.sent = self.dropped = self._reported_dropped = 0
         self.dropped_total = 0  #: over all incarnations
         self.sent_total_ended = 0  #: events of the incarnations that ended
+        #: where the current incarnation stands (its last heartbeat): incarnation, source, seq, kseq
+        self.progress: dict[str, Any] | None = None
+        #: the final progress of incarnations that ended since ``take_progress`` was last called
+        self._ended: list[dict[str, Any]] = []
         self.rss: int | None = None
         self.info: dict[str, Any] = {}
         self._exit_reason: str | None = None  #: what the worker said before exiting
@@ -202,6 +206,7 @@ class Slot:
         self.restart_at = self._stop_deadline = None
         self.sent_total_ended += self.sent
         self.sent = self.dropped = self._reported_dropped = 0
+        self.progress = None
         self._exit_reason = self._kill_reason = None
         self.info = {}
         incarnation = envelope.new_incarnation()
@@ -248,6 +253,9 @@ class Slot:
         elif kind == "hb":
             self.last_heartbeat = now
             self.sent, self.rss, self.info = msg["sent"], msg["rss"], msg["info"]
+            if msg["seq"] is not None and self.worker is not None and self.incarnation is not None:
+                self.progress = {"incarnation": self.incarnation, "source": self.worker.name, "seq": msg["seq"],
+                                 "kseq": msg["kseq"]}
             if msg["dropped"] > self.dropped:
                 self.dropped_total += msg["dropped"] - self.dropped
                 self.dropped = msg["dropped"]
@@ -271,6 +279,9 @@ class Slot:
         exit_code = None if code < 0 else code
         ran_for = self.w.clock.monotonic() - child.started
         reason = self._record_exit(child.pid, worker, exit_code, sig, ran_for)
+        if self.progress is not None:
+            self._ended.append({**self.progress, "ended": True})
+            self.progress = None
         replacement, self._replacement = self._replacement, None
         if replacement is not None and not self.stopping:
             self._replace_now(worker, replacement)
@@ -445,6 +456,15 @@ class Slot:
             self.child.kill_group()
             self.child.reap()
             self.child = None
+
+    def take_progress(self) -> list[dict[str, Any]]:
+        """Where this slot's incarnations stand: the live one, and those that
+        ended since the last call (each reported once)."""
+        ended, self._ended = self._ended, []
+        return ended + ([self.progress] if self.progress is not None else [])
+
+    def peek_progress(self) -> list[dict[str, Any]]:
+        return self._ended + ([self.progress] if self.progress is not None else [])
 
     # -- status ---------------------------------------------------------------------------
     def view(self) -> dict[str, Any]:

@@ -46,6 +46,8 @@ RESTART_ONLY_KEYS = ("runtime_dir", "publish", "control")
 FLUSH_TIMEOUT_S = 1.0
 #: Our own recent events kept for the journal's replay requests (supervisor events are rare).
 REPLAY_KEEP = 2000
+#: An unchanged supervisor.progress is repeated this many times, each after twice as long.
+PROGRESS_REPEATS = 4
 #: Seconds the other families wait for the journal to listen before they start anyway.
 JOURNAL_FIRST_S = 5.0
 
@@ -102,6 +104,9 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._wd_interval = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
         self._wd_next = 0.0
+        self._progress_at = 0.0  #: when supervisor.progress may be published next
+        self._progress_said: dict[str, int] = {}  #: incarnation -> seq in the last one
+        self._progress_repeats = PROGRESS_REPEATS  #: repeats of an unchanged progress so far
 
     # -- setup -----------------------------------------------------------------
     def _identity(self) -> Identity:
@@ -288,6 +293,9 @@ class Supervisor:
                 self._wd_next = now + self._wd_interval
                 sd_notify("WATCHDOG=1")
             deadlines.append(self._wd_next)
+        progress = self._progress_due(now)
+        if progress is not None:
+            deadlines.append(progress)
         if not self.announced_ready:
             ready_at = self.started + self.cfg.workers.ready_timeout
             if now > ready_at:
@@ -295,6 +303,40 @@ class Supervisor:
             else:
                 deadlines.append(ready_at)
         return min(deadlines, default=None)
+
+    def progress(self, *, take: bool = False) -> list[dict[str, Any]]:
+        """Every live incarnation's last seq (and per kind its kseq), ours first."""
+        assert self.bus is not None
+        own = {"incarnation": self.incarnation, "source": "supervisor", "seq": self.bus.stamp.seq,
+               "kseq": dict(self.bus.stamp.kseqs)}
+        return [own, *(e for s in self.slots.values() for e in (s.take_progress() if take else s.peek_progress()))]
+
+    def _progress_due(self, now: float) -> float | None:
+        """Publish supervisor.progress when it is due and something was published
+        since the last one; after the stream goes quiet, repeat it a few times
+        at growing intervals (a subscriber that was behind may have lost the
+        first one too), then say nothing. Returns when to look again."""
+        if now < self._progress_at:
+            return self._progress_at
+        entries = self.progress()
+        moved = any(self._progress_said.get(e["incarnation"]) != e["seq"] for e in entries) or any(
+            e.get("ended") for e in entries)
+        if moved:
+            self._progress_repeats = 0
+        elif self._progress_repeats >= PROGRESS_REPEATS:
+            return None  # woken again by the next status line, which may bring news
+        else:
+            self._progress_repeats += 1
+        self._publish_progress(self.cfg.publish.progress_interval * 2 ** self._progress_repeats)
+        return self._progress_at
+
+    def _publish_progress(self, next_in_s: float = 0.0) -> None:
+        entries = self.progress(take=True)
+        self._progress_said = {e["incarnation"]: e["seq"] for e in entries}
+        self._progress_at = time.monotonic() + next_in_s
+        self.publish(K.PROGRESS, {"incarnations": entries})
+        assert self.bus is not None
+        self._progress_said[self.incarnation] = self.bus.stamp.seq  # this event itself is not news
 
     def _serve_control(self) -> None:
         assert self.control is not None
@@ -365,6 +407,7 @@ class Supervisor:
     def _shutdown(self) -> None:
         for slot in self.slots.values():  # only on an exception path
             slot.kill()
+        self._publish_progress()  # where everything stands at the end of the stream
         self.publish(K.STOPPED, {"uptime_s": round(time.monotonic() - self.started, 3)})
         assert self.bus is not None and self.proxy is not None and self.control is not None
         published = self.bus.sent + sum(s.sent_total for s in self.slots.values())

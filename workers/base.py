@@ -88,7 +88,8 @@ class WorkerContext:
         if self._describe is not None:
             self._info.update(self._describe())
         self.bus.drain()
-        self.status("hb", sent=self.bus.sent, dropped=self.bus.dropped,
+        stamp = self.bus.stamp
+        self.status("hb", sent=self.bus.sent, dropped=self.bus.dropped, seq=stamp.seq, kseq=stamp.kseqs,
                     rss=rss_bytes(), info=self._info)
 
     def status(self, kind: str, **fields: Any) -> None:

@@ -49,6 +49,8 @@ MAX_STATUS_LINE = 256 << 10
 MAX_INFO_DEPTH = 8
 #: Characters of an exit reason kept.
 MAX_REASON = 2000
+#: Kinds one worker may count in a heartbeat's ``kseq``.
+MAX_KINDS = 256
 
 
 class StatusError(ValueError):
@@ -99,8 +101,13 @@ def parse_status(line: bytes) -> dict[str, Any]:
             rss = _count(msg, "rss")
         if not isinstance(info, dict) or not _depth(info, MAX_INFO_DEPTH):
             raise StatusError(f"'info' is not an object nested at most {MAX_INFO_DEPTH} deep")
+        kseq = msg.get("kseq", {})
+        if not isinstance(kseq, dict) or len(kseq) > MAX_KINDS or not all(
+                isinstance(k, str) and len(k) <= 128 and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in kseq.items()):
+            raise StatusError(f"'kseq' is not a map of at most {MAX_KINDS} kinds to counts")
         return {"t": "hb", "sent": _count(msg, "sent"), "dropped": _count(msg, "dropped"), "rss": rss,
-                "info": info}
+                "info": info, "seq": _count(msg, "seq") if "seq" in msg else None, "kseq": kseq}
     if kind == "exit":
         reason = msg.get("reason", "")
         if not isinstance(reason, str):

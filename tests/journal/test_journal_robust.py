@@ -52,9 +52,10 @@ def journal_db(c: Cnisup) -> Path:
 
 
 def ready(ev: Any) -> None:
-    """The supervisor is ready and the config monitor has made its inventory."""
-    ev.wait("supervisor.ready", 30)
-    ev.wait("cni.config.active_changed", 30, initial=True)
+    """The supervisor is ready and the config monitor has made its inventory (in either order)."""
+    for kind, data in (("supervisor.ready", {}), ("cni.config.active_changed", {"initial": True})):
+        if not any(e["kind"] == kind and all(e["data"].get(k) == v for k, v in data.items()) for e in ev.seen):
+            ev.wait(kind, 30, **data)
 
 
 def churn(c: Cnisup, n: int, prefix: str = "f") -> None:

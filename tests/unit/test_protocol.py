@@ -80,3 +80,50 @@ def test_a_misspelt_kind_does_not_validate() -> None:
     env = envelope.Stamp("ebpf", "n", envelope.new_incarnation()).build("cni.plugin.startd", {})
     with pytest.raises(jsonschema.ValidationError):
         validation.validate(env)
+
+
+def _env(inc: str, seq: int, kind: str = "cni.config.created", kseq: int | None = None) -> dict[str, Any]:
+    out = {"source": "inotify", "incarnation": inc, "seq": seq, "kind": kind}
+    if kseq is not None:
+        out["kseq"] = kseq
+    return out
+
+
+def test_prefix_subscribers_count_per_kind() -> None:
+    g = GapDetector(by_kind=True)
+    assert g.observe(_env("a", 4, "cni.config.created", 1)) is None
+    assert g.observe(_env("a", 9, "cni.config.created", 2)) is None  # seq skipped other kinds: not loss
+    gap = g.observe(_env("a", 12, "cni.config.created", 5))
+    assert gap is not None and (gap.kind, gap.expected, gap.got, gap.lost) == ("cni.config.created", 3, 5, 2)
+    assert g.observe(_env("a", 13, "cni.config.deleted", 7)) is None  # first of its kind seen: joined late
+
+
+def test_progress_reveals_loss_at_the_end_of_a_stream() -> None:
+    g = GapDetector(grace_s=2.0)
+    for seq in (1, 2, 3):
+        g.observe(_env("a", seq))
+    g.expect([{"incarnation": "a", "source": "inotify", "seq": 7, "kseq": {}},
+              {"incarnation": "never-seen", "source": "x", "seq": 9, "kseq": {}}], now=100.0)
+    assert g.overdue(101.0) == []  # still within the grace period
+    g.observe(_env("a", 4))
+    (gap,) = g.overdue(102.5)
+    assert (gap.incarnation, gap.expected, gap.got, gap.lost) == ("a", 5, 8, 3)
+    assert g.overdue(200.0) == []  # reported once; the never-seen incarnation is not our loss
+
+
+def test_an_announced_incarnation_starts_at_one_and_a_seeded_one_goes_on() -> None:
+    g = GapDetector()
+    g.started("b")
+    gap = g.observe(_env("b", 3))
+    assert gap is not None and (gap.expected, gap.lost) == (1, 2)
+    g.seed([{"incarnation": "c", "source": "inotify", "seq": 10, "kseq": {}}])
+    assert g.observe(_env("c", 11)) is None
+    gap = g.observe(_env("c", 14))
+    assert gap is not None and gap.expected == 12
+
+
+def test_envelopes_count_per_kind() -> None:
+    st = envelope.Stamp("inotify", "n", envelope.new_incarnation())
+    envs = [st.build(k, {}) for k in ("cni.config.created", "cni.config.deleted", "cni.config.created")]
+    assert [(e["seq"], e["kseq"]) for e in envs] == [(1, 1), (2, 1), (3, 2)]
+    assert st.kseqs == {"cni.config.created": 2, "cni.config.deleted": 1}
