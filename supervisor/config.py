@@ -29,7 +29,10 @@ def _dev_runtime_dir() -> str:
 def preset_values(name: str) -> dict[str, Any]:
     """What a preset sets; a file's explicit keys override these."""
     if name == "production":
-        return {"log_level": "info", "runtime_dir": "/run/cnisup"}
+        # Idle costs nothing: a worker says it is alive every minute when idle (at
+        # once when it has news), so a hung one is noticed within 5 minutes.
+        return {"log_level": "info", "runtime_dir": "/run/cnisup",
+                "workers": {"heartbeat_interval": 120.0, "heartbeat_timeout": 300.0}}
     return {  # development: runs as any user, reacts fast, talks a lot
         "log_level": "debug",
         "runtime_dir": _dev_runtime_dir(),

@@ -35,6 +35,8 @@ from cnisup.workers.spec import status_line
 
 _PAGE = resource.getpagesize()
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+#: Seconds between heartbeats while a worker publishes (when idle: heartbeat_interval / 2).
+BUSY_BEAT_S = 1.0
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -52,6 +54,7 @@ class WorkerContext:
         self._status_fd = status_fd
         self._stopping = False
         self._last_beat = 0.0
+        self._beat_counts = (0, 0)  #: (sent, dropped) at the last heartbeat
         self._info: dict[str, Any] = {}
         self._describe: Callable[[], dict[str, Any]] | None = None
 
@@ -81,10 +84,15 @@ class WorkerContext:
         return self.config.workers.heartbeat_interval / 2
 
     def heartbeat(self, *, force: bool = False) -> None:
+        """Tell the supervisor we are alive: every heartbeat_interval/2 when idle,
+        at most every BUSY_BEAT_S while events flow (its counters stay fresh)."""
         now = time.monotonic()
-        if not force and now - self._last_beat < self._beat_every_s:
+        since = now - self._last_beat
+        news = (self.bus.sent, self.bus.dropped) != self._beat_counts
+        if not force and since < self._beat_every_s and not (news and since >= BUSY_BEAT_S):
             return
         self._last_beat = now
+        self._beat_counts = (self.bus.sent, self.bus.dropped)
         if self._describe is not None:
             self._info.update(self._describe())
         self.bus.drain()

@@ -42,8 +42,10 @@ _DIR_MASK = (flags.CREATE | flags.DELETE | flags.MODIFY | flags.CLOSE_WRITE | fl
 _ANC_MASK = flags.CREATE | flags.MOVED_TO | flags.DELETE_SELF | flags.MOVE_SELF | flags.ONLYDIR
 _SELF_GONE = flags.DELETE_SELF | flags.MOVE_SELF | flags.IGNORED
 _NAME_GONE_OR_NEW = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
-#: The safety-net rescan is stat-only; a minute bounds how stale a missed change gets.
-RESCAN_MIN_S = 60.0
+#: The safety-net rescan is stat-only; ten minutes bound how stale a change that
+#: inotify cannot tell (a parent renamed, a symlink's target elsewhere) gets, at a
+#: few wake-ups an hour when idle.
+RESCAN_MIN_S = 600.0
 #: A path that keeps appearing and vanishing while we resolve it is polled instead.
 _MAX_RESOLVE_STEPS = 64
 

@@ -161,5 +161,9 @@ class Store:
                 pass
         return total
 
+    def oldest_ts(self) -> int | None:
+        value = self.db.execute("SELECT min(ts) FROM events").fetchone()[0]
+        return None if value is None else int(value)
+
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM events").fetchone()[0])

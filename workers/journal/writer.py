@@ -19,6 +19,7 @@ other families after that.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections import OrderedDict
@@ -66,6 +67,7 @@ class JournalWorker(Worker):
         self.retry_at: float | None = None
         self.disk_attempt = 0
         self.next_trim = 0.0
+        self.written_since_trim = False
         self.counts = {"written": 0, "duplicates": 0, "holes": 0, "lost": 0, "trimmed": 0, "replayed": 0,
                        "bad_messages": 0}
         self.sub: zmq.Socket[Any] | None = None
@@ -233,6 +235,9 @@ class JournalWorker(Worker):
             self._disk_full(str(exc))
             return
         self.counts["written"] += added
+        if added and not self.written_since_trim:
+            self.written_since_trim = True
+            self.next_trim = min(self.next_trim, time.monotonic() + TRIM_EVERY_S)
         self.counts["duplicates"] += len(batch) - added
         if self.retry_at is not None:
             self.retry_at, self.disk_attempt = None, 0
@@ -252,12 +257,19 @@ class JournalWorker(Worker):
         self.retry_at = time.monotonic() + backoff.delay_s(_DISK_RETRY, self.disk_attempt)
 
     def _trim(self) -> None:
-        self.next_trim = time.monotonic() + TRIM_EVERY_S
+        now = time.monotonic()
         try:
             trimmed = self.store.trim()
+            oldest = self.store.oldest_ts()
         except sqlite3.Error as exc:
             self.ctx.log.warning("retention failed: %s", exc)
+            self.next_trim = now + TRIM_EVERY_S
             return
+        # While events arrive, every TRIM_EVERY_S; idle, only when the oldest
+        # event ages out (an idle journal does not wake up for nothing).
+        ages_out = math.inf if oldest is None else now + (oldest / 1e9 + self.j.max_age - time.time())
+        self.next_trim = max(now + TRIM_EVERY_S, ages_out) if not self.written_since_trim else now + TRIM_EVERY_S
+        self.written_since_trim = False
         self.counts["trimmed"] += trimmed.total
         if trimmed.total:
             self.ctx.log.info("retention: deleted %d events older than %g s and %d over %d bytes",
