@@ -108,3 +108,15 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
     if not isinstance(env["ts"], int) or not isinstance(env["data"], dict):
         raise ProtocolError("bad ts or data")
     return env
+
+
+def decode_payload(text: str) -> dict[str, Any]:
+    """An envelope from its payload alone (a stored or replayed one: the topic
+    is its kind); ProtocolError like ``decode``."""
+    try:
+        kind = json.loads(text)["kind"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"not an envelope: {exc}") from exc
+    if not isinstance(kind, str):
+        raise ProtocolError("kind is not a string")
+    return decode([kind.encode(), text.encode()])

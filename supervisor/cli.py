@@ -274,9 +274,8 @@ class _Follow:
 
 def _parse(text: str) -> dict[str, Any] | None:
     try:
-        env: dict[str, Any] = json.loads(text)
-        return envelope.decode([str(env["kind"]).encode(), text.encode()])
-    except (ValueError, KeyError, TypeError, ProtocolError):
+        return envelope.decode_payload(text)
+    except ProtocolError:
         return None
 
 

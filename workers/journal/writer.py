@@ -18,7 +18,6 @@ other families after that.
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 import time
@@ -206,8 +205,8 @@ class JournalWorker(Worker):
 
     def _parse(self, text: str) -> dict[str, Any] | None:
         try:
-            return envelope.decode([json.loads(text)["kind"].encode(), text.encode()])
-        except (ValueError, KeyError, TypeError, AttributeError):
+            return envelope.decode_payload(text)
+        except envelope.ProtocolError:
             return None
 
     def _loss(self, source: str, incarnation: str, first: int, last: int, why: str) -> None:
