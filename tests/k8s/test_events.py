@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnisup.protocol import validation
 from cnisup.workers.errors import CapabilityMissing
@@ -322,3 +324,22 @@ def test_events_of_this_nodes_pods_new_repeats_never_deletions() -> None:
     for k, d in out:
         _valid(k, d)
     assert sorted(t.cache) == ["default/cached.1"]  # only what was admitted and has not expired
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                 max_size=4), max_leaves=12)
+_EVENT_KEYS = st.sampled_from(["metadata", "involvedObject", "regarding", "reason", "message", "note", "type",
+                               "count", "series", "firstTimestamp", "lastTimestamp", "eventTime", "source",
+                               "deprecatedSource", "deprecatedCount", "reportingController", "reportingInstance"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_EVENT_KEYS | st.text(max_size=8), _JSON, max_size=10))
+def test_any_event_object_projects_to_a_valid_event_or_is_refused(obj: dict[str, Any]) -> None:
+    t, out = _event_tracker(pods={"default/p": {"node": "n1", "uid": "u"}})
+    t.apply("ADDED", obj)
+    t.apply("MODIFIED", obj)
+    t.replace([obj])
+    for kind, data in out:
+        _valid(kind, data)

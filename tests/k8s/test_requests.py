@@ -7,15 +7,18 @@ seconds are one hour of reconnects; written to
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness import WorkerRun
 
-from cnisup.workers.k8s import events
+from cnisup.protocol.settings import Config
+from cnisup.workers.k8s import events, informer
 
 from . import objects as o
 from .apiserver import ApiServer, Request
@@ -154,3 +157,19 @@ def test_without_a_watch_cache_lists_keep_their_pages(run_worker: Callable[[str,
     assert [(r.query.get("resourceVersion"), r.query["limit"]) for r in relist] == [(relist[0].query.get(
         "resourceVersion"), "500"), (None, "500")] and relist[0].query.get("resourceVersion") not in (None, "0")
     assert len(run.events("k8s.pod.ip_allocated")) == 600
+
+
+def test_a_list_response_over_the_bound_is_refused(api: ApiServer, kubeconfig: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-cluster rv=0 list comes in one response: it is read up to a bound, not held whole."""
+    api.put_many("pods", [o.pod(f"p{i}", f"node-{i % 3}", [f"10.0.0.{i + 1}"]) for i in range(50)])
+    cfg = Config.from_dict({"node_name": NODE, "kubernetes": {"kubeconfig": str(kubeconfig), "pod_scope": "cluster"}})
+    inf = informer.Informer(conf=informer.client_configuration(events.locate(str(kubeconfig))),
+                            resource=events.PODS, cfg=cfg, out=informer.Outbox(), stop=threading.Event())
+    monkeypatch.setattr(informer, "MAX_RESPONSE_BYTES", 4096)
+    with pytest.raises(informer.Problem, match="list pods: a response over 4096 bytes") as err:
+        inf._list()
+    assert err.value.code == "k8s_bad_response" and not inf.tracker.cache
+    monkeypatch.setattr(informer, "MAX_RESPONSE_BYTES", 1 << 20)
+    inf._list()
+    assert len(inf.tracker.cache) == 50

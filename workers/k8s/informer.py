@@ -65,6 +65,9 @@ WATCH_TIMEOUT_S = 300
 HEALTHY_WATCH_S = 10.0
 #: A watch line longer than this is not an event we can hold: treated as garbage.
 MAX_LINE_BYTES = 64 << 20
+#: Bytes of one list response read at most. A resourceVersion=0 list comes whole from the
+#: watch cache: 256 MiB is ~100,000 pods at cluster scope (a node's pods are a few hundred KiB).
+MAX_RESPONSE_BYTES = 256 << 20
 
 def user_agent() -> str:
     try:
@@ -249,7 +252,10 @@ class Informer:
 
     def _read_json(self, resp: urllib3.HTTPResponse, what: str) -> dict[str, Any]:
         try:
-            data = json.loads(resp.data)
+            raw = resp.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
+            if len(raw) > MAX_RESPONSE_BYTES:
+                raise Problem("k8s_bad_response", f"{what}: a response over {MAX_RESPONSE_BYTES} bytes")
+            data = json.loads(raw)
         except urllib3.exceptions.HTTPError as exc:
             raise Problem("k8s_connection", f"{what}: {exc}") from exc
         except ValueError as exc:
