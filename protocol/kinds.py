@@ -88,6 +88,7 @@ class K8sKind(StrEnum):
     POD_IP_ALLOCATED = "k8s.pod.ip_allocated"
     POD_IP_CHANGED = "k8s.pod.ip_changed"
     POD_IP_RELEASED = "k8s.pod.ip_released"
+    POD_EVENT = "k8s.pod.event"
     SERVICE_ADDED = "k8s.service.added"
     SERVICE_MODIFIED = "k8s.service.modified"
     SERVICE_DELETED = "k8s.service.deleted"
@@ -139,6 +140,9 @@ _ADDR = {**_BY, "address": S, "prefixlen": INT, "family": {"enum": ["inet", "ine
 _CNI = {"cni_plugin": S, "cni_plugins": STRS}
 _POD_REQ = ["namespace", "name", "uid", "node", "ips", "host_network"]
 _POD = {"namespace": S, "name": S, "uid": S, "node": S, "ips": STRS, "host_network": B, **_CNI, "initial": B}
+_POD_EVENT_REQ = ["namespace", "name", "uid", "reason", "message", "type", "count", "first_timestamp",
+                  "last_timestamp", "component", "host", "event"]
+_POD_EVENT = {**{k: S for k in _POD_EVENT_REQ}, "count": {"type": "integer", "minimum": 0}, "initial": B}
 _PORT = obj(["protocol", "port"], {"name": S, "protocol": S, "port": INT,
                                    "target_port": {"type": ["integer", "string"]}, "node_port": INT})
 _SVC_REQ = ["namespace", "name", "type", "cluster_ips", "external_ips", "load_balancer_ingress", "ports"]
@@ -251,6 +255,8 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
                                                       {**_POD, "previous_ips": STRS})),
     K8sKind.POD_IP_RELEASED: ("a pod's IPs are gone: pod deleted, finished, or IPs removed", obj(
         [*_POD_REQ, "reason"], {**_POD, "reason": {"enum": ["deleted", "released"]}})),
+    K8sKind.POD_EVENT: ("the API server recorded a network-relevant Event (new, or repeated) on a pod of this node",
+                        obj(_POD_EVENT_REQ, _POD_EVENT)),
     K8sKind.SERVICE_ADDED: ("a Service appeared", obj(_SVC_REQ, _SVC)),
     K8sKind.SERVICE_MODIFIED: ("a Service's type, IPs or ports changed", obj([*_SVC_REQ, "changed"], _SVC)),
     K8sKind.SERVICE_DELETED: ("a Service is gone", obj(_SVC_REQ, _SVC)),

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   python3-zmq python3-click python3-tenacity python3-yaml python3-jsonschema
   python3-pyroute2 python3-kubernetes python3-bpfcc
   containernetworking-plugins iproute2 strace procps
+  openssl
   linux-headers-amd64
   python3-matplotlib
 )

@@ -83,12 +83,14 @@ def check(config_path: str | None, preset: str | None, as_json: bool) -> None:
     for fam in report["families"]:
         state = fam["worker"] or "none"
         click.echo(f"\n[{fam['family']}] -> {state}: {fam['reason']}")
-        for name, p in fam["probes"].items():
+        for name, p in {**fam["probes"], **fam["audits"]}.items():
             mark = "ok  " if p["ok"] else "FAIL"
             click.echo(f"  {mark} {name}: {p['reason']}")
             for key, value in p.items():
-                if key not in ("ok", "reason"):
-                    click.echo(f"       {key}: {value}")
+                if key in ("ok", "reason"):
+                    continue
+                for item in value if isinstance(value, list) else [value]:  # a list: one line each
+                    click.echo(f"       {key}: {item}")
 
 
 def _fmt_age(seconds: float | None) -> str:

@@ -4,6 +4,7 @@ Probes only look: they change nothing on the host."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pwd
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ def unreachable_for(uid: int, gid: int) -> str | None:
     return None
 
 
+def audits(cfg: Config, family: Family) -> dict[str, Probe]:
+    """Checks only ``cnisup check`` runs, never the supervisor's choice (they may ask a server
+    and take seconds): a family's probes module may define ``audit(cfg) -> {name: Probe}``."""
+    module = importlib.import_module(family.primary.probe_target.partition(":")[0])
+    audit = getattr(module, "audit", None)
+    found: dict[str, Probe] = audit(cfg) if audit is not None else {}
+    return found
+
+
 def check(cfg: Config) -> dict[str, Any]:
     """Everything ``cnisup check`` reports."""
     families = []
@@ -93,6 +103,8 @@ def check(cfg: Config) -> dict[str, Any]:
             "worker": c.worker.name if c.worker else None, "reason": reason,
             "primary": fam.primary.name, "fallback": fam.fallback.name,
             "probes": {n: {"ok": p.ok, "reason": p.reason, **p.details} for n, p in c.probes.items()},
+            "audits": {n: {"ok": p.ok, "reason": p.reason, **p.details}
+                       for n, p in (audits(cfg, fam) if c.enabled and (chosen is None or chosen.ok) else {}).items()},
         })
     return {"node": cfg.node_name, "euid": os.geteuid(), "workers_identity": worker_identity(cfg),
             "runtime_dir": cfg.runtime_dir, "publish": cfg.publish.endpoints,

@@ -8,17 +8,35 @@ What it implements (the parts list/watch clients use):
   APIGroupDiscoveryList``) is answered with the plain lists and a plain
   ``application/json`` content type, which clients take as "not supported".
 * collections of pods, services, endpoints, endpointslices, networkpolicies,
-  nodes and namespaces, all-namespaces and per-namespace, and single objects.
-* list: ``metadata.resourceVersion``, ``limit``/``continue`` (a snapshot per
-  list; a continue token older than the compaction point is HTTP 410),
-  ``fieldSelector`` (metadata.name, metadata.namespace, spec.nodeName;
-  others are a 400 as on a real server) and ``labelSelector``.
+  nodes, namespaces and events, all-namespaces and per-namespace, and single
+  objects; discovery also names the kinds ``kubectl apply --dry-run=client``
+  maps (serviceaccounts, secrets, RBAC), whose objects are never found.
+* list, with ``resourceVersion`` as kube-apiserver's watch cache answers it:
+  ``0`` is served from the cache (everything at once: ``limit`` is ignored),
+  unset is a consistent read (paginated by ``limit``/``continue``, a snapshot
+  per list; a continue token older than the compaction point is HTTP 410),
+  ``N`` is "not older than N" (the current state) unless N is older than the
+  compaction point: 410 Expired, as a read of a compacted revision is. With
+  ``watch_cache = False`` (a server run without one) every list is read
+  from etcd and paginated. Each request records where it was served from
+  (``Request.served_from``).
+  ``fieldSelector``: metadata.name and metadata.namespace everywhere,
+  spec.nodeName on pods, and on events the fields kube-apiserver supports
+  (involvedObject.*, reason, type, source, reportingComponent; not
+  source.host); others are a 400 as on a real server. ``labelSelector``.
+* SelfSubjectAccessReview (POST ``/apis/authorization.k8s.io/v1/
+  selfsubjectaccessreviews``): allowed unless the (verb, group, resource) is
+  in ``denied``; ``tokens``, when set, are the only bearer tokens accepted
+  (401 otherwise, on every request).
 * watch: chunked ``{"type","object"}`` lines from a history of changes; an
   object entering or leaving a watch's selectors is ADDED/DELETED for it;
   BOOKMARKs every ``bookmark_interval_s`` with ``allowWatchBookmarks``;
-  ``timeoutSeconds``; a resourceVersion older than the compaction point is
-  410 Gone, as an ERROR event with a Status (what kube-apiserver does) or as
+  ``timeoutSeconds`` (multiplied by ``watch_time_scale``, so that a test can
+  run an hour of watch reconnects in seconds); a resourceVersion older than
+  the compaction point is 410 Gone, as an ERROR event with a Status (what kube-apiserver does) or as
   HTTP 410 (``gone_as_http``).
+* HTTPS with a self-signed certificate (``tls_dir``, made with openssl) for
+  clients that send credentials only over TLS (kubectl, client-go).
 * hooks for tests: change state (``put``/``delete``), ``compact``,
   ``drop_watches`` (reset the TCP connections), ``hang_watches`` (keep the
   connection, send nothing, not even bookmarks), ``expire_watches`` (an
@@ -33,7 +51,9 @@ import base64
 import copy
 import json
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 import uuid
@@ -60,6 +80,7 @@ class Kind:
     version: str
     namespaced: bool
     short: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = ("get", "list", "watch")
 
     @property
     def api_version(self) -> str:
@@ -67,23 +88,31 @@ class Kind:
 
     def resource(self) -> dict[str, Any]:
         r: dict[str, Any] = {"name": self.plural, "singularName": self.singular, "namespaced": self.namespaced,
-                             "kind": self.kind, "verbs": ["get", "list", "watch"],
+                             "kind": self.kind, "verbs": list(self.verbs),
                              "storageVersionHash": self.plural[:8]}
         if self.short:
             r["shortNames"] = list(self.short)
         return r
 
 
+_RBAC = "rbac.authorization.k8s.io"
 KINDS = {k.plural: k for k in (
     Kind("pods", "pod", "Pod", "", "v1", True, ("po",)),
     Kind("services", "service", "Service", "", "v1", True, ("svc",)),
     Kind("endpoints", "endpoints", "Endpoints", "", "v1", True, ("ep",)),
     Kind("nodes", "node", "Node", "", "v1", False, ("no",)),
     Kind("namespaces", "namespace", "Namespace", "", "v1", False, ("ns",)),
+    Kind("events", "event", "Event", "", "v1", True, ("ev",)),
+    Kind("serviceaccounts", "serviceaccount", "ServiceAccount", "", "v1", True, ("sa",)),
+    Kind("secrets", "secret", "Secret", "", "v1", True),
     Kind("endpointslices", "endpointslice", "EndpointSlice", "discovery.k8s.io", "v1", True),
     Kind("networkpolicies", "networkpolicy", "NetworkPolicy", "networking.k8s.io", "v1", True, ("netpol",)),
+    Kind("clusterroles", "clusterrole", "ClusterRole", _RBAC, "v1", False),
+    Kind("clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", _RBAC, "v1", False),
+    Kind("selfsubjectaccessreviews", "selfsubjectaccessreview", "SelfSubjectAccessReview",
+         "authorization.k8s.io", "v1", False, verbs=("create",)),
 )}
-GROUPS = {"discovery.k8s.io": "v1", "networking.k8s.io": "v1"}
+GROUPS = {"discovery.k8s.io": "v1", "networking.k8s.io": "v1", _RBAC: "v1", "authorization.k8s.io": "v1"}
 
 
 #: What Go's strconv.ParseBool takes as true (the Python client sends "True").
@@ -97,10 +126,24 @@ def status(code: int, reason: str, message: str) -> Obj:
 
 # -- selectors ---------------------------------------------------------------------------
 
-_FIELDS: dict[str, Callable[[Obj], str]] = {
-    "metadata.name": lambda o: o["metadata"].get("name", ""),
-    "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
-    "spec.nodeName": lambda o: (o.get("spec") or {}).get("nodeName", ""),
+def _at(*path: str) -> Callable[[Obj], str]:
+    def get(o: Obj) -> str:
+        cur: Any = o
+        for key in path:
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        return cur if isinstance(cur, str) else ""
+    return get
+
+
+_FIELDS: dict[str, Callable[[Obj], str]] = {"metadata.name": _at("metadata", "name"),
+                                            "metadata.namespace": _at("metadata", "namespace")}
+#: The extra field labels kube-apiserver supports per resource (pkg/apis/core/v1/conversion.go);
+#: events have no source.host selector.
+_RESOURCE_FIELDS: dict[str, dict[str, Callable[[Obj], str]]] = {
+    "pods": {"spec.nodeName": _at("spec", "nodeName")},
+    "events": {**{f"involvedObject.{f}": _at("involvedObject", f) for f in ("kind", "namespace", "name", "uid")},
+               "reason": _at("reason"), "type": _at("type"), "source": _at("source", "component"),
+               "reportingComponent": _at("reportingComponent")},
 }
 
 
@@ -109,6 +152,7 @@ class BadSelector(ValueError):
 
 
 def field_matcher(sel: str, plural: str) -> Callable[[Obj], bool]:
+    fields = {**_FIELDS, **_RESOURCE_FIELDS.get(plural, {})}
     terms = []
     for term in filter(None, (t.strip() for t in sel.split(","))):
         for op in ("!=", "==", "="):
@@ -118,9 +162,9 @@ def field_matcher(sel: str, plural: str) -> Callable[[Obj], bool]:
         else:
             raise BadSelector(f"invalid field selector term {term!r}")
         key = key.strip()
-        if key not in _FIELDS or (key == "spec.nodeName" and plural != "pods"):
+        if key not in fields:
             raise BadSelector(f'field label not supported: {key}')
-        terms.append((_FIELDS[key], op == "!=", value.strip()))
+        terms.append((fields[key], op == "!=", value.strip()))
     return lambda o: all((get(o) == v) != neg for get, neg, v in terms)
 
 
@@ -192,6 +236,8 @@ class Request:
     query: dict[str, str]
     user_agent: str
     at: float = field(default_factory=time.monotonic)
+    #: a list's source: "cache" (resourceVersion 0 or N), "etcd" (a consistent read), "gone" (410)
+    served_from: str = ""
 
     @property
     def watch(self) -> bool:
@@ -200,8 +246,12 @@ class Request:
 
 class ApiServer:
     def __init__(self, *, endpointslices: bool = True, bookmark_interval_s: float = 1.0,
-                 default_watch_timeout_s: float = 1800.0, gone_as_http: bool = False) -> None:
+                 default_watch_timeout_s: float = 1800.0, gone_as_http: bool = False,
+                 watch_time_scale: float = 1.0, tls_dir: Path | None = None) -> None:
         self.endpointslices = endpointslices
+        self.tls_dir = tls_dir
+        self.watch_time_scale = watch_time_scale
+        self.watch_cache = True
         self.bookmark_interval_s = bookmark_interval_s
         self.default_watch_timeout_s = default_watch_timeout_s
         self.gone_as_http = gone_as_http
@@ -213,6 +263,10 @@ class ApiServer:
         self.watches: list[Watch] = []
         self.requests: list[Request] = []
         self.forbidden: set[str] = set()
+        #: (verb, group, resource) a SelfSubjectAccessReview answers "denied" for
+        self.denied: set[tuple[str, str, str]] = set()
+        #: bearer tokens accepted; None: any request is accepted
+        self.tokens: set[str] | None = None
         self.garbage: dict[str, str] = {}  #: plural -> "list" | "watch" (one-shot)
         self._snapshots: dict[str, tuple[int, list[Obj]]] = {}
         self._httpd: ThreadingHTTPServer | None = None
@@ -227,6 +281,10 @@ class ApiServer:
 
         self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        if self.tls_dir is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self._certificate(self.tls_dir))
+            self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="apiserver", daemon=True)
         self._thread.start()
@@ -239,6 +297,21 @@ class ApiServer:
             self._httpd.server_close()
             self._httpd = None
 
+    @staticmethod
+    def _certificate(d: Path) -> tuple[str, str]:
+        cert, key = d / "apiserver.crt", d / "apiserver.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                        "-out", str(cert)], check=True, capture_output=True, timeout=60)
+        cert.chmod(0o644)
+        return str(cert), str(key)
+
+    @property
+    def ca_file(self) -> Path:
+        """The certificate a client must trust (it is its own CA)."""
+        assert self.tls_dir is not None
+        return self.tls_dir / "apiserver.crt"
+
     @property
     def port(self) -> int:
         assert self._httpd is not None
@@ -246,12 +319,13 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_dir else 'http'}://127.0.0.1:{self.port}"
 
     def write_kubeconfig(self, path: Path) -> Path:
+        cluster = {"server": self.url, **({"certificate-authority": str(self.ca_file)} if self.tls_dir else {})}
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": cluster}],
             "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
         }, indent=1))
@@ -342,6 +416,13 @@ class ApiServer:
             self.cond.notify_all()
         return len(ws)
 
+    def set_time_scale(self, scale: float, bookmark_interval_s: float) -> None:
+        """Watch durations (``timeoutSeconds``) times ``scale`` from now on, open watches included."""
+        with self.cond:
+            self.watch_time_scale = scale
+            self.bookmark_interval_s = bookmark_interval_s
+            self.cond.notify_all()
+
     def open_watches(self, plural: str | None = None) -> int:
         with self.cond:
             return len([w for w in self._select(plural) if not w.hung])
@@ -367,7 +448,8 @@ class ApiServer:
     def served(self, plural: str) -> bool:
         return plural != "endpointslices" or self.endpointslices
 
-    def list_page(self, plural: str, match: Callable[[Obj], bool], limit: int, cont: str) -> Obj:
+    def list_page(self, plural: str, match: Callable[[Obj], bool], limit: int, cont: str, rv: str,
+                  req: Request) -> Obj:
         k = KINDS[plural]
         with self.cond:
             if cont:
@@ -377,11 +459,26 @@ class ApiServer:
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise _HttpError(400, "BadRequest", f"invalid continue token: {exc}") from exc
                 if snap_rv <= self.compacted_rv or token not in self._snapshots:
+                    req.served_from = "gone"
                     raise _HttpError(410, "Expired", "The provided continue parameter is too old to display a "
                                                      "consistent list result. You can start a new list "
                                                      "without the continue parameter.")
                 snap_rv, items = self._snapshots.pop(token)
+                req.served_from = "etcd"
             else:
+                if rv not in ("", "0"):
+                    try:
+                        min_rv = int(rv)
+                    except ValueError as exc:
+                        raise _HttpError(400, "BadRequest", f"invalid resourceVersion {rv!r}") from exc
+                    if min_rv < self.compacted_rv:
+                        req.served_from = "gone"
+                        raise _HttpError(410, "Expired", f"too old resource version: {min_rv} "
+                                                         f"({self.compacted_rv})")
+                # The watch cache answers resourceVersion 0 and N whole, ignoring limit.
+                req.served_from = "cache" if rv and self.watch_cache else "etcd"
+                if req.served_from == "cache":
+                    limit = 0
                 snap_rv = self.rv
                 items = [copy.deepcopy(o) for _, o in sorted(self.objects[plural].items()) if match(o)]
             meta: dict[str, Any] = {"resourceVersion": str(snap_rv)}
@@ -428,20 +525,55 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def do_GET(self) -> None:
+    def _begin(self, method: str) -> tuple[str, dict[str, str], Request]:
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        api = self.api
-        with api.cond:
-            api.requests.append(Request("GET", url.path, query, self.headers.get("User-Agent", "")))
+        req = Request(method, url.path, query, self.headers.get("User-Agent", ""))
+        with self.api.cond:
+            self.api.requests.append(req)
+        return url.path.rstrip("/") or "/", query, req
+
+    def _authorized(self) -> bool:
+        tokens = self.api.tokens
+        header = self.headers.get("Authorization", "")
+        return tokens is None or (header.startswith("Bearer ") and header[len("Bearer "):] in tokens)
+
+    def do_GET(self) -> None:
+        path, query, req = self._begin("GET")
         try:
-            self._route(url.path.rstrip("/") or "/", query)
+            if not self._authorized():
+                raise _HttpError(401, "Unauthorized", "Unauthorized")
+            self._route(path, query, req)
         except _HttpError as exc:
             self._send_json(exc.code, status(exc.code, exc.reason, exc.message))
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
 
-    def _route(self, path: str, query: dict[str, str]) -> None:
+    def do_POST(self) -> None:
+        """SelfSubjectAccessReviews only: allowed unless ``denied`` names the attributes."""
+        path, _, _ = self._begin("POST")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if 0 < length <= 1 << 20 else b""
+        try:
+            if not self._authorized():
+                raise _HttpError(401, "Unauthorized", "Unauthorized")
+            if path != "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
+                raise _HttpError(405, "MethodNotAllowed", f"POST is not supported on {path}")
+            try:
+                review = json.loads(body)
+                attrs = review["spec"]["resourceAttributes"]
+                key = (str(attrs["verb"]), str(attrs.get("group", "")), str(attrs["resource"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _HttpError(400, "BadRequest", f"not a SelfSubjectAccessReview: {exc}") from exc
+            allowed = key not in self.api.denied
+            review["status"] = {"allowed": allowed, **({} if allowed else {"reason": "no RBAC policy matched"})}
+            self._send_json(201, review)
+        except _HttpError as exc:
+            self._send_json(exc.code, status(exc.code, exc.reason, exc.message))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
+
+    def _route(self, path: str, query: dict[str, str], req: Request) -> None:
         api = self.api
         if path == "/version":
             return self._send_json(200, VERSION)
@@ -509,7 +641,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             return None
         limit = int(query.get("limit") or 0)
-        return self._send_json(200, api.list_page(plural, match, limit, query.get("continue", "")))
+        return self._send_json(200, api.list_page(plural, match, limit, query.get("continue", ""),
+                                                  query.get("resourceVersion", ""), req))
 
     # -- watch ------------------------------------------------------------------------------
     def _watch(self, plural: str, match: Callable[[Obj], bool], query: dict[str, str]) -> None:
@@ -555,7 +688,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, w: Watch, k: Kind, rv: int, initial: list[Change], match: Callable[[Obj], bool],
                 timeout_s: float, bookmarks: bool) -> None:
         api = self.api
-        deadline = time.monotonic() + timeout_s
+        opened = time.monotonic()
+
+        def deadline() -> float:  # follows set_time_scale, like every wait below
+            return opened + timeout_s * api.watch_time_scale
+
         next_bookmark = time.monotonic() + api.bookmark_interval_s
         for c in initial:
             if match(c.obj):
@@ -565,9 +702,11 @@ class _Handler(BaseHTTPRequestHandler):
                 while True:
                     now = time.monotonic()
                     pending = [] if w.hung else api.changes_after(rv, w.plural)
-                    if w.expire or pending or now >= deadline or (bookmarks and not w.hung and now >= next_bookmark):
+                    next_bookmark = min(next_bookmark, now + api.bookmark_interval_s)
+                    if w.expire or pending or now >= deadline() or (bookmarks and not w.hung
+                                                                      and now >= next_bookmark):
                         break
-                    wake = deadline if w.hung or not bookmarks else min(deadline, next_bookmark)
+                    wake = deadline() if w.hung or not bookmarks else min(deadline(), next_bookmark)
                     api.cond.wait(max(0.0, wake - now))
                 expire, head_rv = w.expire, api.rv
             if w.hung and not expire:
@@ -597,7 +736,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event("BOOKMARK", {"kind": k.kind, "apiVersion": k.api_version,
                                          "metadata": {"resourceVersion": str(rv)}})
                 next_bookmark = time.monotonic() + api.bookmark_interval_s
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline():
                 return
 
 

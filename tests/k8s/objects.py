@@ -72,3 +72,22 @@ def node(name: str, cidr: str, ip: str, *, ready: str = "True", net_unavailable:
                            {"type": "NetworkUnavailable", "status": net_unavailable, "reason": "RouteCreated"},
                            {"type": "Ready", "status": ready, "lastHeartbeatTime": heartbeat},
                            {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat}]}}
+
+
+def event(name: str, pod: str, reason: str, *, host: str, message: str = "", ns: str = "default",
+          count: int = 1, type_: str = "Warning", uid: str = "", first: str = "2025-01-01T00:00:00Z",
+          last: str | None = None) -> Obj:
+    """A core/v1 Event as the kubelet records one about a pod."""
+    about: Obj = {"kind": "Pod", "namespace": ns, "name": pod, "apiVersion": "v1"}
+    if uid:
+        about["uid"] = uid
+    return {"metadata": {"name": name, "namespace": ns}, "involvedObject": about, "reason": reason,
+            "message": message, "type": type_, "count": count, "firstTimestamp": first,
+            "lastTimestamp": last or first, "source": {"component": "kubelet", "host": host},
+            "reportingComponent": "kubelet", "reportingInstance": host}
+
+
+#: What the kubelet records when the CNI ADD fails (containerd + the bridge plugin, IPAM exhausted).
+SANDBOX_ERROR = ('Failed to create pod sandbox: rpc error: code = Unknown desc = failed to setup network for '
+                 'sandbox "3f1e0c": plugin type="bridge" failed (add): failed to allocate for range 0: '
+                 'no IP addresses available in range set: 10.22.0.2-10.22.0.254')

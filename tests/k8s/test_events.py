@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnisup.protocol import validation
 from cnisup.workers.errors import CapabilityMissing
@@ -30,36 +32,78 @@ def _meta(annotations: dict[str, str]) -> dict[str, Any]:
     return {"metadata": {"name": "x", "annotations": annotations}}
 
 
-@pytest.mark.parametrize(("key", "on_node", "plugin"), [
-    ("cni.projectcalico.org/podIP", False, "calico"),
-    ("cni.projectcalico.org/podIPs", False, "calico"),
-    ("cni.projectcalico.org/containerID", False, "calico"),
-    ("projectcalico.org/IPv4Address", True, "calico"),
-    ("network.cilium.io/ipv4-pod-cidr", True, "cilium"),
-    ("io.cilium.network.ipv4-cilium-host", True, "cilium"),
-    ("cilium.io/global-service", False, "cilium"),
-    ("flannel.alpha.coreos.com/public-ip", True, "flannel"),
-    ("weave.works/ip", False, "weave"),
-    ("k8s.v1.cni.cncf.io/network-status", False, "multus"),
-    ("k8s.v1.cni.cncf.io/networks", False, "multus"),
-    ("node.antrea.io/mac-address", False, "antrea"),
-    ("ovn.kubernetes.io/ip_address", False, "kube-ovn"),
-    ("k8s.ovn.org/pod-networks", False, "ovn-kubernetes"),
-    ("vpc.amazonaws.com/pod-ips", False, "aws-vpc-cni"),
-    ("vpc.amazonaws.com/pod-eni", False, "aws-vpc-cni"),
-])
-def test_cni_plugin_from_each_annotation_family(key: str, on_node: bool, plugin: str) -> None:
-    assert events.cni_plugins({key: "v"}, node=on_node) == [plugin]
-    if on_node:  # node-only keys say nothing on a pod
-        assert events.cni_plugins({key: "v"}, node=False) == []
+#: (key, on pods, on nodes, plugin): the keys each project sets or reads, as cited in events._RULES.
+ANNOTATIONS = [
+    ("cni.projectcalico.org/podIP", True, False, "calico"),
+    ("cni.projectcalico.org/podIPs", True, False, "calico"),
+    ("cni.projectcalico.org/containerID", True, False, "calico"),
+    ("projectcalico.org/IPv4Address", False, True, "calico"),
+    ("projectcalico.org/IPv6Address", False, True, "calico"),
+    ("projectcalico.org/IPv4VXLANTunnelAddr", False, True, "calico"),
+    ("projectcalico.org/IPv4IPIPTunnelAddr", False, True, "calico"),
+    ("projectcalico.org/WireguardPublicKey", False, True, "calico"),
+    ("network.cilium.io/ipv4-pod-cidr", True, True, "cilium"),
+    ("network.cilium.io/ipv4-cilium-host", True, True, "cilium"),
+    ("io.cilium.network.ipv4-cilium-host", True, True, "cilium"),
+    ("io.cilium.no-track-port", True, True, "cilium"),
+    ("policy.cilium.io/proxy-visibility", True, True, "cilium"),
+    ("policy.cilium.io/no-track-port", True, True, "cilium"),
+    ("ipam.cilium.io/ip-pool", True, True, "cilium"),
+    ("cni.cilium.io/mac-address", True, True, "cilium"),
+    ("config.cilium.io/disable-source-ip-verification", True, True, "cilium"),
+    ("cilium.io/bgp-virtual-router.64512", True, True, "cilium"),
+    ("flannel.alpha.coreos.com/public-ip", False, True, "flannel"),
+    ("flannel.alpha.coreos.com/backend-type", False, True, "flannel"),
+    ("flannel.alpha.coreos.com/kube-subnet-manager", False, True, "flannel"),
+    ("k8s.v1.cni.cncf.io/network-status", True, False, "multus"),
+    ("k8s.v1.cni.cncf.io/networks", True, False, "multus"),
+    ("k8s.v1.cni.cncf.io/networks-status", True, False, "multus"),
+    ("node.antrea.io/mac-address", False, True, "antrea"),
+    ("node.antrea.io/transport-addresses", False, True, "antrea"),
+    ("ipam.antrea.io/ippools", True, False, "antrea"),
+    ("ipam.antrea.io/pod-ips", True, False, "antrea"),
+    ("ovn.kubernetes.io/ip_address", True, True, "kube-ovn"),
+    ("ovn.kubernetes.io/allocated", True, True, "kube-ovn"),
+    ("ovn.kubernetes.io/chassis", True, True, "kube-ovn"),
+    ("k8s.ovn.org/pod-networks", True, False, "ovn-kubernetes"),
+    ("k8s.ovn.org/node-subnets", False, True, "ovn-kubernetes"),
+    ("k8s.ovn.org/node-primary-ifaddr", False, True, "ovn-kubernetes"),
+    ("k8s.ovn.org/node-chassis-id", False, True, "ovn-kubernetes"),
+    ("k8s.ovn.org/l3-gateway-config", False, True, "ovn-kubernetes"),
+    ("k8s.ovn.org/host-cidrs", False, True, "ovn-kubernetes"),
+    ("vpc.amazonaws.com/pod-ips", True, False, "aws-vpc-cni"),
+    ("vpc.amazonaws.com/pod-eni", True, False, "aws-vpc-cni"),
+    ("k8s.amazonaws.com/eniConfig", False, True, "aws-vpc-cni"),
+]
+
+
+@pytest.mark.parametrize(("key", "on_pod", "on_node", "plugin"), ANNOTATIONS)
+def test_cni_plugin_from_each_projects_own_keys_on_pods_and_nodes(key: str, on_pod: bool, on_node: bool,
+                                                                  plugin: str) -> None:
+    pod = events.project_pod(o.pod("p", "n", ["10.0.0.1"], annotations={key: "v"}))
+    node = events.project_node(o.node("n", "10.0.0.0/24", "192.168.0.1", annotations={key: "v"}))
+    assert pod.get("cni_plugin") == (plugin if on_pod else None)
+    assert node.get("cni_plugin") == (plugin if on_node else None)
+
+
+def test_weave_is_known_by_its_node_condition_it_sets_no_annotation() -> None:
+    weave = o.node("n", "10.32.0.0/12", "192.168.0.1")
+    weave["status"]["conditions"][0]["reason"] = "WeaveIsUp"
+    assert events.project_node(weave)["cni_plugin"] == "weave"
+    assert "cni_plugin" not in events.project_node(o.node("n", "10.32.0.0/12", "192.168.0.1"))
+    # the ConfigMap annotation Weave does set, were it copied onto a node or pod, says nothing
+    peers = {"kube-peers.weave.works/peers": "{}"}
+    assert "cni_plugin" not in events.project_node(o.node("n", "10.32.0.0/12", "192.168.0.1", annotations=peers))
+    assert "cni_plugin" not in events.project_pod(o.pod("p", "n", ["10.0.0.1"], annotations=peers))
 
 
 @pytest.mark.parametrize("annotations", [
-    {}, {"cni.projectcalico.org/other": "x"}, {"foo.cilium.io/x": "1"}, {"kubernetes.io/psp": "x"},
-    {"vpc.amazonaws.com/pod-ipsx": "x"}, {"k8s.ovn.org/node-subnets": "x"},
-    {"projectcalico.org/IPv4Address": "1.2.3.4/24"},  # a node-only key on a pod
+    {}, {"cni.projectcalico.org/other": "x"}, {"notcilium.io/x": "1"}, {"cilium.iox/x": "1"},
+    {"kubernetes.io/psp": "x"}, {"vpc.amazonaws.com/pod-ipsx": "x"}, {"k8s.ovn.org/node-subnets": "x"},
+    {"projectcalico.org/IPv4Address": "1.2.3.4/24"}, {"node.antrea.io/mac-address": "x"},
+    {"flannel.alpha.coreos.com/public-ip": "x"}, {"weave.works/ip": "x"},
 ])
-def test_unknown_annotations_mean_no_plugin(annotations: dict[str, str]) -> None:
+def test_unknown_or_node_only_annotations_mean_no_plugin_on_a_pod(annotations: dict[str, str]) -> None:
     slim = events.project_pod(o.pod("p", "n", ["10.0.0.1"], annotations=annotations))
     assert "cni_plugin" not in slim and "cni_plugins" not in slim
 
@@ -216,3 +260,86 @@ def test_kubectl_output_decoder_any_split_pretty_compact_and_garbage() -> None:
     got, problems = dec.feed(b'{"type": "MODIFIED", "object": {"a": 1}}\nthis is not json\n{"type": "X"}\n')
     assert got == [{"type": "MODIFIED", "object": {"a": 1}}, {"type": "X"}]
     assert len(problems) == 1 and "not JSON" in problems[0]
+
+
+def _event_tracker(node: str = "n1", pods: dict[str, Any] | None = None
+                   ) -> tuple[Tracker, list[tuple[str, dict[str, Any]]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    resource = events.EVENTS[0]
+    return Tracker(resource, lambda k, d: out.append((k, d)), events.NodeEvents(node, pods or {})), out
+
+
+def test_event_projection_core_v1_and_events_k8s_io() -> None:
+    core = events.project_event(o.event("web.17a", "web", "FailedCreatePodSandBox", host="n1",
+                                        message=o.SANDBOX_ERROR, uid="u1", count=3,
+                                        first="2025-01-01T00:00:00Z", last="2025-01-01T00:05:00Z"))
+    assert core == {"namespace": "default", "name": "web", "uid": "u1", "reason": "FailedCreatePodSandBox",
+                    "message": o.SANDBOX_ERROR, "type": "Warning", "count": 3,
+                    "first_timestamp": "2025-01-01T00:00:00Z", "last_timestamp": "2025-01-01T00:05:00Z",
+                    "component": "kubelet", "host": "n1", "event": "default/web.17a"}
+    _valid("k8s.pod.event", core)
+    new_style = {"metadata": {"name": "web.18b", "namespace": "default"}, "reason": "FailedKillPod",
+                 "regarding": {"kind": "Pod", "namespace": "default", "name": "web", "uid": "u1"},
+                 "note": "KillPodSandbox: CNI DEL failed", "type": "Warning",
+                 "eventTime": "2025-01-01T00:00:00.123456Z", "reportingController": "kubelet",
+                 "reportingInstance": "n1", "series": {"count": 4, "lastObservedTime": "2025-01-01T00:09:00.5Z"}}
+    ev = events.project_event(new_style)
+    assert (ev["message"], ev["count"], ev["first_timestamp"], ev["last_timestamp"], ev["component"], ev["host"]) \
+        == ("KillPodSandbox: CNI DEL failed", 4, "2025-01-01T00:00:00.123456Z", "2025-01-01T00:09:00.5Z",
+            "kubelet", "n1")
+    single = events.project_event({**new_style, "series": None})
+    assert single["count"] == 1 and single["last_timestamp"] == single["first_timestamp"]
+    _valid("k8s.pod.event", ev)
+
+
+@pytest.mark.parametrize("garbage", [
+    {}, {"metadata": None, "involvedObject": [], "count": "7", "message": 5, "source": "kubelet"},
+    {"count": True, "series": {"count": -3}, "reason": ["FailedCreatePodSandBox"]},
+    {"message": "x" * 100_000, "reason": "FailedCreatePodSandBox", "involvedObject": {"name": "p" * 10_000}},
+])
+def test_event_projection_of_garbage_is_bounded_and_valid(garbage: dict[str, Any]) -> None:
+    ev = events.project_event(garbage)
+    assert len(ev["message"]) <= events.MAX_EVENT_MESSAGE and len(ev["name"]) <= events.MAX_EVENT_FIELD
+    assert isinstance(ev["count"], int) and ev["count"] >= 1
+    _valid("k8s.pod.event", ev)
+
+
+def test_events_of_this_nodes_pods_new_repeats_never_deletions() -> None:
+    t, out = _event_tracker(pods={"default/cached": {"node": "n1", "uid": "u-cached"},
+                                  "default/away": {"node": "n2", "uid": "u-away"}})
+    mine = o.event("web.1", "web", "FailedCreatePodSandBox", host="n1", message=o.SANDBOX_ERROR)
+    t.replace([mine, o.event("other.1", "other", "FailedCreatePodSandBox", host="n2")])
+    assert [(d["name"], d["count"], d.get("initial")) for _, d in out] == [("web", 1, True)]
+    out.clear()
+    t.apply("MODIFIED", {**mine, "message": "edited, not repeated"})  # not a repeat: nothing
+    t.apply("MODIFIED", {**mine, "count": 2, "lastTimestamp": "2025-01-01T00:01:00Z"})
+    t.apply("MODIFIED", {**mine, "count": 2, "lastTimestamp": "2025-01-01T00:01:00Z"})  # same again: nothing
+    t.apply("DELETED", mine)  # expired
+    # no host (another reporter), but a pod of this node's cache: kept, uid from the cache
+    t.apply("ADDED", {**o.event("cached.1", "cached", "SandboxChanged", host=""), "source": {}})
+    t.apply("ADDED", {**o.event("away.1", "away", "SandboxChanged", host=""), "source": {}})
+    t.apply("ADDED", o.event("web.2", "web", "Scheduled", host="n1"))  # not a network reason
+    got = [(k, d["name"], d["count"], d["uid"], "initial" in d) for k, d in out]
+    assert got == [("k8s.pod.event", "web", 2, "", False), ("k8s.pod.event", "cached", 1, "u-cached", False)]
+    for k, d in out:
+        _valid(k, d)
+    assert sorted(t.cache) == ["default/cached.1"]  # only what was admitted and has not expired
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                 max_size=4), max_leaves=12)
+_EVENT_KEYS = st.sampled_from(["metadata", "involvedObject", "regarding", "reason", "message", "note", "type",
+                               "count", "series", "firstTimestamp", "lastTimestamp", "eventTime", "source",
+                               "deprecatedSource", "deprecatedCount", "reportingController", "reportingInstance"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_EVENT_KEYS | st.text(max_size=8), _JSON, max_size=10))
+def test_any_event_object_projects_to_a_valid_event_or_is_refused(obj: dict[str, Any]) -> None:
+    t, out = _event_tracker(pods={"default/p": {"node": "n1", "uid": "u"}})
+    t.apply("ADDED", obj)
+    t.apply("MODIFIED", obj)
+    t.replace([obj])
+    for kind, data in out:
+        _valid(kind, data)

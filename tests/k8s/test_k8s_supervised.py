@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from e2e.support import CNISUP, Cnisup, Events, children_of, pid_alive
 
+from cnisup.workers.k8s import events
+
 from . import objects as o
 from .apiserver import ApiServer
 
@@ -68,6 +70,9 @@ def _seed(api: ApiServer) -> None:
     api.put("networkpolicies", o.networkpolicy("deny-all", {}))
     api.put("nodes", o.node(NODE, "10.244.1.0/24", "192.168.0.10",
                             annotations={"flannel.alpha.coreos.com/public-ip": "192.168.0.10"}))
+    # The kubelet's record of a failed sandbox, here and on another node (not ours).
+    api.put("events", o.event("db.1", "db", "FailedCreatePodSandBox", host=NODE, message="earlier failure"))
+    api.put("events", o.event("elsewhere.1", "elsewhere", "FailedCreatePodSandBox", host="node-2"))
 
 
 def start_cluster(api: ApiServer, base: Path, kubeconfig: Path, worker: str, **over: Any) -> Cluster:
@@ -84,10 +89,11 @@ def cluster(request: pytest.FixtureRequest, api: ApiServer, k8s_tmp: Path, kubec
     cl = start_cluster(api, k8s_tmp, kubeconfig, request.param)
     # the initial state, before any test acts
     for kind in ("k8s.node.network_changed", "k8s.pod.ip_allocated", "k8s.service.added",
-                 "k8s.endpointslice.added", "k8s.networkpolicy.added"):
+                 "k8s.endpointslice.added", "k8s.networkpolicy.added", "k8s.pod.event"):
         cl.seen_or_wait(kind)
     for plural in ("pods", "services", "endpointslices", "networkpolicies", "nodes"):
         api.wait_watches(plural)
+    api.wait_watches("events", len(events.EVENTS))
     cl.quiet(0.3)
     yield cl
     try:
@@ -164,6 +170,40 @@ def test_initial_state_then_each_event(cluster: Cluster) -> None:
         ("k8s.endpointslice.modified", "web-abc"), ("k8s.networkpolicy.modified", "deny-all"),
         ("k8s.node.network_changed", NODE), ("k8s.service.deleted", "web"),
         ("k8s.endpointslice.deleted", "web-abc"), ("k8s.networkpolicy.deleted", "deny-all")]
+
+
+def test_network_events_of_this_nodes_pods(cluster: Cluster) -> None:
+    api = cluster.api
+    initial = [d for k, d in cluster.k8s_events() if k == "k8s.pod.event"]
+    assert [(d["name"], d["message"], d.get("initial")) for d in initial] == [("db", "earlier failure", True)]
+    mark = cluster.mark()
+    # A pod scheduled here whose sandbox cannot be networked, and one on another node.
+    uid = api.put("pods", o.pod("stuck", NODE, None))["metadata"]["uid"]
+    api.put("pods", o.pod("stuck-elsewhere", "node-2", None))
+    failed = o.event("stuck.17a", "stuck", "FailedCreatePodSandBox", host=NODE, message=o.SANDBOX_ERROR, uid=uid,
+                     first="2025-01-01T03:12:04Z")
+    api.put("events", o.event("stuck-elsewhere.1", "stuck-elsewhere", "FailedCreatePodSandBox", host="node-2"))
+    api.put("events", failed)
+    got = cluster.wait("k8s.pod.event", name="stuck")
+    assert got["data"] == {"namespace": "default", "name": "stuck", "uid": uid, "reason": "FailedCreatePodSandBox",
+                           "message": o.SANDBOX_ERROR, "type": "Warning", "count": 1,
+                           "first_timestamp": "2025-01-01T03:12:04Z", "last_timestamp": "2025-01-01T03:12:04Z",
+                           "component": "kubelet", "host": NODE, "event": "default/stuck.17a"}
+    assert got["source"] == cluster.worker
+    # The kubelet's next attempt fails the same way: the same Event, count 2.
+    repeat = {**failed, "count": 2, "lastTimestamp": "2025-01-01T03:12:19Z"}
+    api.put("events", repeat)
+    assert cluster.wait("k8s.pod.event", name="stuck", count=2)["data"]["last_timestamp"] == "2025-01-01T03:12:19Z"
+    # An edit that is not a repeat, its expiry, a reason that is not about the network: nothing.
+    api.put("events", {**repeat, "message": "edited"})
+    api.delete("events", "stuck.17a")
+    api.put("events", o.event("stuck.18b", "stuck", "Pulled", host=NODE, type_="Normal"))
+    cluster.quiet(1.0)
+    assert [(d["name"], d["count"]) for k, d in cluster.k8s_events(mark) if k == "k8s.pod.event"] == \
+        [("stuck", 1), ("stuck", 2)]
+    # Selected on the server, one watch per reason: never every Event of the cluster.
+    selectors = {r.query.get("fieldSelector") for r in api.log("events")}
+    assert selectors == {f"involvedObject.kind=Pod,reason={r}" for r in events.NETWORK_EVENT_REASONS}
 
 
 @pytest.mark.parametrize("gone", ["error-event", "http-410"])
@@ -326,7 +366,7 @@ def test_kubectl_children_run_as_nobody_and_die_with_the_worker(api: ApiServer, 
         cl.wait("k8s.pod.ip_allocated", name="web")
         pid = cl.c.worker("k8s")["pid"]
         kids = children_of(pid)
-        assert len(kids) == 5
+        assert len(kids) == len(events.resources(endpointslices=True))  # one kubectl per watch
         for k in kids:
             with open(f"/proc/{k}/status") as f:
                 uid = next(line.split()[1] for line in f if line.startswith("Uid:"))

@@ -4,7 +4,6 @@ be used: it must run there, importing nothing of that client."""
 from __future__ import annotations
 
 import os
-import pwd
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +12,9 @@ from pathlib import Path
 import pytest
 from harness import WorkerRun
 
-from cnisup.workers.privileges import Identity
-
 from . import objects as o
 from .apiserver import ApiServer
+from .support import identity
 
 NODE = "test-node"
 pytestmark = pytest.mark.skipif(not any(os.access(os.path.join(d, "kubectl"), os.X_OK)
@@ -37,13 +35,9 @@ def blocked_client(k8s_tmp: Path) -> Path:
 
 @pytest.fixture
 def worker(api: ApiServer, kubeconfig: Path, k8s_tmp: Path, blocked_client: Path) -> Iterator[WorkerRun]:
-    identity = None
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        identity = Identity(nobody.pw_uid, nobody.pw_gid)
     pythonpath = ":".join(filter(None, [str(blocked_client), os.environ.get("PYTHONPATH", "")]))
     run = WorkerRun("kubectl", {"kubernetes": {"kubeconfig": str(kubeconfig), "read_timeout": 30.0}},
-                    tmp=k8s_tmp, identity=identity, heartbeat_interval_s=0.5, env={"PYTHONPATH": pythonpath})
+                    tmp=k8s_tmp, identity=identity(), heartbeat_interval_s=0.5, env={"PYTHONPATH": pythonpath})
     try:
         yield run
         if run.proc is not None and run.proc.poll() is None:

@@ -6,82 +6,25 @@ the ``harness``; latency goes through ``cnisup start`` and a raw SUB socket."""
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e.support import children_of
-from harness import WorkerRun
-
-from cnisup.workers.privileges import Identity
 
 from . import objects as o
 from .apiserver import ApiServer
+from .support import config, record, rss_kib, settled
 from .test_k8s_supervised import NODE, start_cluster
 
-MEASUREMENTS = Path(__file__).resolve().parents[2] / "build" / "measurements" / "k8s.json"
 PODS = 5000
-
-
-def _record(key: str, value: Any) -> None:
-    MEASUREMENTS.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(MEASUREMENTS.read_text()) if MEASUREMENTS.exists() else {}
-    data[key] = value
-    MEASUREMENTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
-def _rss_kib(pid: int) -> dict[str, int]:
-    with open(f"/proc/{pid}/status") as f:
-        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
-                if k in ("VmRSS", "RssAnon")}
-
-
-def _identity() -> Identity | None:
-    if os.geteuid() != 0:
-        return None
-    nobody = pwd.getpwnam("nobody")
-    return Identity(nobody.pw_uid, nobody.pw_gid)
-
-
-def _config(kubeconfig: Path | str, scope: str = "node") -> dict[str, Any]:
-    return {"kubernetes": {"kubeconfig": str(kubeconfig), "pod_scope": scope, "read_timeout": 30.0}}
-
-
-@pytest.fixture
-def run_worker(k8s_tmp: Path) -> Iterator[Any]:
-    runs: list[WorkerRun] = []
-
-    def start(name: str, config: dict[str, Any]) -> WorkerRun:
-        run = WorkerRun(name, config, tmp=k8s_tmp, identity=_identity(), heartbeat_interval_s=0.5)
-        runs.append(run)
-        return run.start(ready_timeout_s=15)
-
-    yield start
-    for run in runs:
-        try:
-            if run.proc is not None and run.proc.poll() is None:
-                assert run.stop() == 0, run.stderr()
-            assert not run.problems, run.problems[:5]
-        finally:
-            run.close()
-
-
-def _settled(run: WorkerRun, resource: str, cached: int, timeout_s: float = 30.0) -> dict[str, Any]:
-    """The worker's status once ``resource`` has ``cached`` objects and it is idle."""
-    def ok(s: dict[str, Any]) -> bool:
-        r = (s.get("info") or {}).get("resources", {}).get(resource, {})
-        return bool(s["t"] == "hb" and r.get("cached") == cached and r.get("state", "watching") == "watching")
-    return run.wait_status(ok, timeout_s=timeout_s)
 
 
 @pytest.mark.parametrize("worker", ["k8s-informer", "kubectl"])
 def test_no_kubeconfig_exits_77_with_the_reason(run_worker: Any, k8s_tmp: Path, worker: str) -> None:
-    run = run_worker(worker, _config(k8s_tmp / "nope"))
+    run = run_worker(worker, config(k8s_tmp / "nope"))
     assert run.wait_exit() == 77
     exit_status = run.exit_status()
     assert exit_status is not None and "nope: no such file" in exit_status["reason"]
@@ -89,52 +32,62 @@ def test_no_kubeconfig_exits_77_with_the_reason(run_worker: Any, k8s_tmp: Path, 
 
 def test_memory_is_the_nodes_not_the_clusters(run_worker: Any, api: ApiServer, kubeconfig: Path) -> None:
     """5,000 pods on other nodes cost a node-scoped informer nothing; cached
-    cluster-wide (listed in pages of 500) they cost slim projections only.
-    The kubectl fallback's processes for the same resources, same run."""
+    cluster-wide they cost slim projections only, whether the watch cache
+    answers the list whole (resourceVersion=0) or a server without one in
+    pages of 500. The kubectl fallback's processes for the same resources,
+    same run."""
     result: dict[str, Any] = {"pods": PODS}
-    empty = run_worker("k8s-informer", _config(kubeconfig))
-    _settled(empty, "pods", 0)
-    result["informer_no_pods_kib"] = _rss_kib(empty.pid)
+    empty = run_worker("k8s-informer", config(kubeconfig))
+    settled(empty, "pods", 0)
+    result["informer_no_pods_kib"] = rss_kib(empty.pid)
     assert empty.stop() == 0
 
     api.put_many("pods", [o.pod(f"p{i:05d}", f"node-{i % 50}", [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"],
                                 annotations={"cni.projectcalico.org/podIP": "x"}, ns=f"ns{i % 20}")
                           for i in range(PODS)])
-    scoped = run_worker("k8s-informer", _config(kubeconfig))
-    _settled(scoped, "pods", 0)
-    result["informer_node_scoped_5000_elsewhere_kib"] = _rss_kib(scoped.pid)
+    scoped = run_worker("k8s-informer", config(kubeconfig))
+    settled(scoped, "pods", 0)
+    result["informer_node_scoped_5000_elsewhere_kib"] = rss_kib(scoped.pid)
     assert not scoped.events("k8s.pod.ip_allocated")
     assert scoped.stop() == 0
     growth = result["informer_node_scoped_5000_elsewhere_kib"]["RssAnon"] - result["informer_no_pods_kib"]["RssAnon"]
     assert growth < 4096, f"node-scoped informer grew {growth} KiB with 5,000 pods elsewhere"
 
-    lists_before = len(api.log("pods", watch=False))
-    t0 = time.monotonic()
-    cluster = run_worker("k8s-informer", _config(kubeconfig, "cluster"))
-    _settled(cluster, "pods", PODS, timeout_s=60)
-    result["informer_list_5000_s"] = round(time.monotonic() - t0, 2)
-    result["informer_cluster_5000_cached_kib"] = _rss_kib(cluster.pid)
-    pages = api.log("pods", watch=False)[lists_before:]
-    assert len(pages) == PODS // 500 and all(p.query["limit"] == "500" for p in pages)
-    assert [bool(p.query.get("continue")) for p in pages] == [False] + [True] * (PODS // 500 - 1)
-    allocated = cluster.events("k8s.pod.ip_allocated")
-    assert len(allocated) == PODS and len({r.data["name"] for r in allocated}) == PODS
-    assert all(r.data["initial"] and r.data["cni_plugin"] == "calico" for r in allocated)
-    assert cluster.stop() == 0
+    for cache in (True, False):
+        api.watch_cache = cache
+        lists_before = len(api.log("pods", watch=False))
+        t0 = time.monotonic()
+        cluster = run_worker("k8s-informer", config(kubeconfig, "cluster"))
+        settled(cluster, "pods", PODS, timeout_s=60)
+        key = "watch_cache" if cache else "paged"
+        result[f"informer_list_5000_{key}_s"] = round(time.monotonic() - t0, 2)
+        result[f"informer_cluster_5000_cached_{key}_kib"] = rss_kib(cluster.pid)
+        pages = api.log("pods", watch=False)[lists_before:]
+        assert all(p.query["limit"] == "500" and p.query.get("resourceVersion", "0") == "0" for p in pages)
+        if cache:  # the watch cache ignores limit
+            assert [p.served_from for p in pages] == ["cache"]
+        else:
+            assert [bool(p.query.get("continue")) for p in pages] == [False] + [True] * (PODS // 500 - 1)
+        allocated = cluster.events("k8s.pod.ip_allocated")
+        assert len(allocated) == PODS and len({r.data["name"] for r in allocated}) == PODS
+        assert all(r.data["initial"] and r.data["cni_plugin"] == "calico" for r in allocated)
+        assert cluster.stop() == 0
+    api.watch_cache = True
 
     t0 = time.monotonic()
-    kubectl = run_worker("kubectl", _config(kubeconfig, "cluster"))
-    _settled(kubectl, "pods", PODS, timeout_s=60)
+    kubectl = run_worker("kubectl", config(kubeconfig, "cluster"))
+    settled(kubectl, "pods", PODS, timeout_s=60)
     result["kubectl_list_5000_s"] = round(time.monotonic() - t0, 2)
     kids = children_of(kubectl.pid)
-    per_kid = [_rss_kib(k)["VmRSS"] for k in kids]
-    result["kubectl_worker_kib"] = _rss_kib(kubectl.pid)
+    per_kid = [rss_kib(k)["VmRSS"] for k in kids]
+    result["kubectl_children_rssanon_kib"] = sum(rss_kib(k)["RssAnon"] for k in kids)
+    result["kubectl_worker_kib"] = rss_kib(kubectl.pid)
     result["kubectl_children"] = len(kids)
     result["kubectl_children_vmrss_kib"] = sum(per_kid)
     result["kubectl_total_vmrss_kib"] = sum(per_kid) + result["kubectl_worker_kib"]["VmRSS"]
     assert len(kubectl.events("k8s.pod.ip_allocated")) == PODS
     assert kubectl.stop() == 0
-    _record("memory", result)
+    record("memory", result)
     print(json.dumps(result, indent=1))
 
 
@@ -156,7 +109,7 @@ def test_event_latency_api_change_to_subscriber(api: ApiServer, k8s_tmp: Path, k
         lat.sort()
         stats = {"n": len(lat), "p50_ms": round(statistics.median(lat), 2),
                  "p99_ms": round(lat[int(len(lat) * 0.99) - 1], 2), "max_ms": round(lat[-1], 2)}
-        _record(f"latency_{worker}", stats)
+        record(f"latency_{worker}", stats)
         print(worker, stats)
         assert stats["p50_ms"] < 50
     finally:

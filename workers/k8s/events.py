@@ -2,11 +2,12 @@
 
 A worker only fetches raw API objects (dicts parsed from JSON) and says
 whether a batch is a full listing (``Tracker.replace``) or one watch event
-(``Tracker.apply``). Everything else is here: which resources, where the
-client configuration comes from, the slim projection of each object (only the
-fields events carry; this is what is cached, never the full object), CNI
-plugin detection from annotations, and the diff that turns two projections
-into events exactly once.
+(``Tracker.apply``). Everything else is here: which resources (and with which
+field selector), where the client configuration comes from, the slim
+projection of each object (only the fields events carry; this is what is
+cached, never the full object), CNI plugin detection from annotations, which
+Kubernetes Events concern this node's pods, and the diff that turns two
+projections into events exactly once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,8 @@ Obj = Mapping[str, Any]
 Slim = dict[str, Any]
 #: ``emit(kind, data)``: where a tracker's events go (a queue, the bus).
 Emit = Callable[[str, dict[str, Any]], None]
+#: ``admit(projection)``: does a tracker keep (and report) this object?
+Admit = Callable[[Slim], bool]
 
 _SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -99,42 +103,80 @@ class _Rule:
     plugin: str
     keys: frozenset[str] = frozenset()  #: exact annotation keys
     prefixes: tuple[str, ...] = ()  #: key prefixes (a domain with its slash, or a dotted prefix)
-    nodes_only: bool = False
+    pattern: re.Pattern[str] | None = None  #: a key pattern, where the project defines one
+    pods: bool = True  #: the keys are set on pods
+    nodes: bool = True  #: ... and on nodes
+
+    def matches(self, key: str) -> bool:
+        return key in self.keys or key.startswith(self.prefixes) or bool(self.pattern and self.pattern.match(key))
 
 
-#: Specific plugins before the meta-plugin (Multus), so a Multus pod on Calico
-#: says "calico" first. Exact keys and prefixes only: no guessing from values.
+#: The annotation keys each project sets (or reads) on pods and nodes, from its
+#: source. Specific plugins before the meta-plugin (Multus), so a Multus pod on
+#: Calico says "calico" first. Exact keys and prefixes only: no guessing from values.
 _RULES = (
+    # projectcalico/calico libcalico-go/lib/backend/k8s/conversion/constants.go (set by the CNI plugin)
     _Rule("calico", keys=frozenset({"cni.projectcalico.org/podIP", "cni.projectcalico.org/podIPs",
-                                    "cni.projectcalico.org/containerID"})),
-    _Rule("calico", keys=frozenset({"projectcalico.org/IPv4Address"}), nodes_only=True),
-    _Rule("cilium", prefixes=("network.cilium.io/", "io.cilium.network."), nodes_only=True),
-    _Rule("cilium", prefixes=("cilium.io/",)),
-    _Rule("flannel", prefixes=("flannel.alpha.coreos.com/",), nodes_only=True),
-    _Rule("weave", prefixes=("weave.works/",)),
-    _Rule("antrea", prefixes=("node.antrea.io/",)),
+                                    "cni.projectcalico.org/containerID"}), nodes=False),
+    # projectcalico/calico libcalico-go/lib/backend/k8s/resources/node.go (node* constants, set by calico-node)
+    _Rule("calico", keys=frozenset(f"projectcalico.org/{k}" for k in (
+        "IPv4Address", "IPv6Address", "IPv4IPIPTunnelAddr", "IPv4VXLANTunnelAddr", "IPv6VXLANTunnelAddr",
+        "VXLANTunnelMACAddr", "VXLANTunnelMACAddrV6", "ASNumber", "RouteReflectorClusterID", "kube-labels",
+        "IPv4WireguardInterfaceAddr", "IPv6WireguardInterfaceAddr", "WireguardPublicKey",
+        "WireguardPublicKeyV6")), pods=False),
+    # cilium/cilium pkg/annotation/k8s.go: CiliumPrefixRegex (network.cilium.io/, policy.cilium.io/,
+    # ipam.cilium.io/, cni.cilium.io/, ...) and the deprecated "io.cilium" aliases
+    # (io.cilium.network.ipv4-pod-cidr on nodes, io.cilium.no-track-port on pods, ...).
+    _Rule("cilium", prefixes=("io.cilium.", "io.cilium/"), pattern=re.compile(r"([A-Za-z0-9]+\.)*cilium\.io/")),
+    # flannel-io/flannel pkg/subnet/kube/annotations.go, under the default --kube-annotation-prefix
+    _Rule("flannel", prefixes=("flannel.alpha.coreos.com/",), pods=False),
+    # Weave Net sets no annotation on pods or nodes (weaveworks/weave prog/kube-utils/annotations.go
+    # keeps its peers in a ConfigMap's kube-peers.weave.works/ annotation): see _NODE_CONDITION_REASONS.
+    # antrea-io/antrea pkg/agent/types/annotations.go (node.antrea.io/mac-address, transport-addresses, ...)
+    _Rule("antrea", prefixes=("node.antrea.io/",), pods=False),
+    # antrea-io/antrea pkg/ipam/annotations.go (ipam.antrea.io/ippools, ipam.antrea.io/pod-ips)
+    _Rule("antrea", prefixes=("ipam.antrea.io/",), nodes=False),
+    # kubeovn/kube-ovn pkg/util/const.go: ovn.kubernetes.io/ip_address, allocated, chassis, ... on both
     _Rule("kube-ovn", prefixes=("ovn.kubernetes.io/",)),
-    _Rule("ovn-kubernetes", keys=frozenset({"k8s.ovn.org/pod-networks"})),
-    _Rule("aws-vpc-cni", keys=frozenset({"vpc.amazonaws.com/pod-ips", "vpc.amazonaws.com/pod-eni"})),
-    _Rule("multus", keys=frozenset({"k8s.v1.cni.cncf.io/network-status", "k8s.v1.cni.cncf.io/networks"})),
+    # ovn-org/ovn-kubernetes go-controller/pkg/util/pod_annotation.go (OvnPodAnnotationName)
+    _Rule("ovn-kubernetes", keys=frozenset({"k8s.ovn.org/pod-networks"}), nodes=False),
+    # ovn-org/ovn-kubernetes go-controller/pkg/util/subnet_annotations.go (node-subnets) and
+    # node_annotations.go (the rest)
+    _Rule("ovn-kubernetes", keys=frozenset(f"k8s.ovn.org/{k}" for k in (
+        "node-subnets", "node-primary-ifaddr", "node-chassis-id", "l3-gateway-config", "node-mgmt-port-mac-address",
+        "host-cidrs", "zone-name", "node-id", "network-ids")), pods=False),
+    # aws/amazon-vpc-cni-k8s pkg/ipamd/rpc_handler.go (vpccniPodIPKey); the branch ENI of security
+    # groups for pods: aws/amazon-vpc-resource-controller-k8s pkg/config/type.go (ResourceNamePodENI)
+    _Rule("aws-vpc-cni", keys=frozenset({"vpc.amazonaws.com/pod-ips", "vpc.amazonaws.com/pod-eni"}), nodes=False),
+    # aws/amazon-vpc-cni-k8s pkg/eniconfig/eniconfig.go (defaultEniConfigAnnotationDef): custom networking only
+    _Rule("aws-vpc-cni", keys=frozenset({"k8s.amazonaws.com/eniConfig"}), pods=False),
+    # k8snetworkplumbingwg/network-attachment-definition-client pkg/apis/k8s.cni.cncf.io/v1/types.go
+    _Rule("multus", keys=frozenset({"k8s.v1.cni.cncf.io/network-status", "k8s.v1.cni.cncf.io/networks",
+                                    "k8s.v1.cni.cncf.io/networks-status"}), nodes=False),
 )
 
+#: Node condition reasons a plugin writes when it sets NetworkUnavailable=False: Weave Net's
+#: only mark on a node (weaveworks/weave prog/kube-utils/nodestatus.go).
+_NODE_CONDITION_REASONS = {"WeaveIsUp": "weave"}
 
-def cni_plugins(annotations: Mapping[str, Any] | None, *, node: bool = False) -> list[str]:
+
+def cni_plugins(annotations: Mapping[str, Any] | None, *, node: bool = False,
+                condition_reasons: Iterable[str] = ()) -> list[str]:
     """Every plugin whose annotations are present, most specific first; [] if none."""
-    if not annotations:
-        return []
     found: list[str] = []
     for rule in _RULES:
-        if (rule.nodes_only and not node) or rule.plugin in found:
+        if not (rule.nodes if node else rule.pods) or rule.plugin in found:
             continue
-        if any(k in rule.keys or k.startswith(rule.prefixes) for k in annotations):
+        if annotations and any(isinstance(k, str) and rule.matches(k) for k in annotations):
             found.append(rule.plugin)
+    if node:
+        found += [p for p in (_NODE_CONDITION_REASONS.get(r) for r in condition_reasons) if p and p not in found]
     return found
 
 
-def _with_plugins(slim: Slim, annotations: Mapping[str, Any] | None, *, node: bool) -> Slim:
-    found = cni_plugins(annotations, node=node)
+def _with_plugins(slim: Slim, annotations: Mapping[str, Any] | None, *, node: bool,
+                  condition_reasons: Iterable[str] = ()) -> Slim:
+    found = cni_plugins(annotations, node=node, condition_reasons=condition_reasons)
     if found:
         slim["cni_plugin"] = found[0]
         if len(found) > 1:
@@ -263,13 +305,80 @@ _NODE_CONDITIONS = ("NetworkUnavailable", "Ready")
 def project_node(obj: Obj) -> Slim:
     m, spec, status = _meta(obj), _spec(obj), _spec(obj, "status")
     cidrs = _strs(spec.get("podCIDRs")) or ([str(spec["podCIDR"])] if spec.get("podCIDR") else [])
-    conditions = {c["type"]: c.get("status", "Unknown") for c in status.get("conditions") or []
-                  if isinstance(c, Mapping) and c.get("type") in _NODE_CONDITIONS}
+    listed = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
+    conditions = {c["type"]: c.get("status", "Unknown") for c in listed if c.get("type") in _NODE_CONDITIONS}
     addresses = [{"type": a.get("type", ""), "address": a.get("address", "")}
                  for a in status.get("addresses") or [] if isinstance(a, Mapping)]
     slim: Slim = {"name": m.get("name", ""), "pod_cidrs": cidrs, "addresses": addresses,
                   "conditions": conditions}
-    return _with_plugins(slim, m.get("annotations"), node=True)
+    reasons = [str(c.get("reason")) for c in listed if c.get("type") == "NetworkUnavailable"]
+    return _with_plugins(slim, m.get("annotations"), node=True, condition_reasons=reasons)
+
+
+# -- Kubernetes Events about this node's pods ---------------------------------------------------
+
+#: The kubelet's Event reasons about a pod's network (pkg/kubelet/events/event.go): the sandbox
+#: (and with it the CNI ADD) failed, its teardown (CNI DEL) failed, the runtime's network is not
+#: ready, the sandbox changed and is re-created, its status could not be read. One server-side
+#: watch each: a field selector cannot OR two reasons.
+NETWORK_EVENT_REASONS = ("FailedCreatePodSandBox", "FailedKillPod", "NetworkNotReady", "SandboxChanged",
+                         "FailedPodSandBoxStatus")
+#: Characters of an Event's message kept: the kubelet's sandbox errors carry the runtime's and
+#: the plugin's messages (a few hundred characters); the API server does not bound core/v1 ones.
+MAX_EVENT_MESSAGE = 4096
+#: Characters of any other Event field kept (names are at most 253).
+MAX_EVENT_FIELD = 512
+
+
+def _text(value: Any, limit: int = MAX_EVENT_FIELD) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def project_event(obj: Obj) -> Slim:
+    """A core/v1 Event, or one written through events.k8s.io (``regarding``, ``note``,
+    ``eventTime``, ``series``, ``reportingController``/``reportingInstance``, ``deprecated*``)."""
+    m = _meta(obj)
+    about = _spec(obj, "involvedObject") or _spec(obj, "regarding")
+    source = _spec(obj, "source") or _spec(obj, "deprecatedSource")
+    series = _spec(obj, "series")
+    first = _text(obj.get("firstTimestamp") or obj.get("deprecatedFirstTimestamp") or obj.get("eventTime"))
+    count = _count(series.get("count")) or _count(obj.get("count")) or _count(obj.get("deprecatedCount")) or 1
+    return {"namespace": _text(about.get("namespace") or m.get("namespace")), "name": _text(about.get("name")),
+            "uid": _text(about.get("uid")), "reason": _text(obj.get("reason")),
+            "message": _text(obj.get("message") or obj.get("note"), MAX_EVENT_MESSAGE),
+            "type": _text(obj.get("type")), "count": count, "first_timestamp": first,
+            "last_timestamp": _text(series.get("lastObservedTime") or obj.get("lastTimestamp")
+                                    or obj.get("deprecatedLastTimestamp")) or first,
+            "component": _text(source.get("component") or obj.get("reportingController")
+                               or obj.get("reportingComponent")),
+            "host": _text(source.get("host") or obj.get("reportingInstance")),
+            "event": _text(f"{m.get('namespace', '')}/{m.get('name', '')}")}
+
+
+class NodeEvents:
+    """Admits an Event projection when it is about a pod of this node: reported by this
+    node's kubelet (``host``), or about a pod in this node's pod cache. The pods tracker
+    may run in another thread: ``dict.get`` on its cache is atomic, and the cache is
+    only read here."""
+
+    def __init__(self, node: str, pods: Mapping[str, Slim]) -> None:
+        self.node = node
+        self.pods = pods
+
+    def __call__(self, slim: Slim) -> bool:
+        if slim["reason"] not in NETWORK_EVENT_REASONS:  # a server that ignored the selector
+            return False
+        pod = self.pods.get(f"{slim['namespace']}/{slim['name']}")
+        ours = pod is not None and pod.get("node") == self.node
+        if slim["host"] != self.node and not ours:
+            return False
+        if not slim["uid"] and ours and pod is not None:
+            slim["uid"] = pod.get("uid", "")
+        return True
 
 
 # -- diffs: two projections -> events ---------------------------------------------------------
@@ -320,6 +429,18 @@ def diff_node(old: Slim | None, new: Slim | None, *, initial: bool = False) -> E
     return []
 
 
+def diff_event(old: Slim | None, new: Slim | None, *, initial: bool = False) -> Events:
+    """A new Event, or a repeat of one (its count or last timestamp moved); never its
+    deletion (Events expire) nor an edit that is not a repeat."""
+    if new is None:
+        return []
+    if old is None:
+        return [(K8sKind.POD_EVENT, {**new, "initial": True} if initial else new)]
+    if (old["count"], old["last_timestamp"]) != (new["count"], new["last_timestamp"]):
+        return [(K8sKind.POD_EVENT, new)]
+    return []
+
+
 # -- resources -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -331,6 +452,12 @@ class Resource:
     namespaced: bool
     project: Callable[[Obj], Slim]
     diff: Callable[..., Events]
+    selector: str = ""  #: a fixed field selector (pods: see ``field_selector``)
+    name: str = ""  #: tells watches of one collection apart (status, logs); default: ``plural``
+
+    @property
+    def label(self) -> str:
+        return self.name or self.plural
 
     @property
     def path(self) -> str:
@@ -356,10 +483,21 @@ NETWORKPOLICIES = Resource("networkpolicies", "networking.k8s.io", "v1", "Networ
                            project_networkpolicy,
                            _crud(K.NETWORKPOLICY_ADDED, K.NETWORKPOLICY_MODIFIED, K.NETWORKPOLICY_DELETED))
 NODES = Resource("nodes", "", "v1", "Node", False, project_node, diff_node)
+#: One watch per reason: ``involvedObject.kind`` and ``reason`` are field labels core/v1 Events
+#: support (``source.host`` is not), so the server sends only these reasons' pod Events of the
+#: whole cluster, and ``NodeEvents`` keeps this node's.
+EVENTS = tuple(Resource("events", "", "v1", "Event", True, project_event, diff_event,
+                        selector=f"involvedObject.kind=Pod,reason={reason}", name=f"events:{reason}")
+               for reason in NETWORK_EVENT_REASONS)
 
 
 def resources(*, endpointslices: bool) -> tuple[Resource, ...]:
-    return (PODS, SERVICES, ENDPOINTSLICES if endpointslices else ENDPOINTS, NETWORKPOLICIES, NODES)
+    """Every collection a worker watches, in this order (pods first: Events are matched against them)."""
+    return (PODS, SERVICES, ENDPOINTSLICES if endpointslices else ENDPOINTS, NETWORKPOLICIES, NODES, *EVENTS)
+
+
+def field_selector(resource: Resource, cfg: Config) -> str:
+    return pod_field_selector(cfg) if resource is PODS else resource.selector
 
 
 # -- the per-resource cache ----------------------------------------------------------------------
@@ -367,13 +505,20 @@ def resources(*, endpointslices: bool) -> tuple[Resource, ...]:
 class Tracker:
     """The slim projections of one resource's objects, and the events their changes make.
 
+    ``admit`` (Events: ``NodeEvents``) keeps only the projections it accepts: any other
+    object is treated as absent, so it is neither cached nor reported.
+
     Not thread-safe: one tracker per watching thread (or per kubectl stream)."""
 
-    def __init__(self, resource: Resource, emit: Emit) -> None:
+    def __init__(self, resource: Resource, emit: Emit, admit: Admit | None = None) -> None:
         self.resource = resource
         self._emit = emit
+        self._admit = admit
         self.cache: dict[str, Slim] = {}
         self.synced = False  #: a first full listing was applied
+
+    def _admitted(self, slim: Slim) -> Slim | None:
+        return slim if self._admit is None or self._admit(slim) else None
 
     def _put(self, key: str, new: Slim | None, *, initial: bool) -> None:
         old = self.cache.get(key)
@@ -390,7 +535,7 @@ class Tracker:
         if event_type == "DELETED":
             self._put(key, None, initial=False)
         else:
-            self._put(key, self.resource.project(obj), initial=False)
+            self._put(key, self._admitted(self.resource.project(obj)), initial=False)
 
     def replace(self, objs: Iterable[Obj]) -> None:
         """A full listing: emits what changed since the cache, including deletions
@@ -403,6 +548,8 @@ class Tracker:
         initial = not self.synced
         seen = set()
         for key, slim in items:
+            if self._admitted(slim) is None:
+                continue
             seen.add(key)
             self._put(key, slim, initial=initial)
         for key in [k for k in self.cache if k not in seen]:

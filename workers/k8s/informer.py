@@ -1,13 +1,20 @@
 """k8s family, primary worker: list + watch with the ``kubernetes`` client.
 
-One thread per resource runs an informer in four small layers (as kopf's
-``watching``): reconnect forever with backoff → list (paginated) unless a
-resourceVersion is known → one watch request with bookmarks, a randomised
-server ``timeoutSeconds`` and a client read timeout → parse lines. 410 Gone
-(HTTP or an ERROR event) forgets the resourceVersion, so the next round
-relists and ``Tracker.replace`` emits exactly what was missed. Any other
-error or end of stream reconnects from the newest resourceVersion seen
-(bookmarks included), without a relist.
+One thread per watched collection (Events: one per reason) runs an informer
+in four small layers (as kopf's ``watching``): reconnect forever with backoff
+→ list when needed → one watch request with bookmarks, a randomised server
+``timeoutSeconds`` and a client read timeout → parse lines. Any error or end
+of stream reconnects from the newest resourceVersion seen (bookmarks
+included), without a relist.
+
+Lists follow client-go's reflector, so that thousands of nodes starting at
+once are served from the API server's watch cache, not etcd: the first LIST
+asks ``resourceVersion=0`` (the cache answers it whole, ignoring ``limit``);
+after a 410 Gone (HTTP or an ERROR event) the relist asks for the last
+resourceVersion seen (still the cache, no ``limit``, since a paginated list
+at a resourceVersion goes to etcd), and only if that LIST is itself 410 a
+consistent read with resourceVersion unset (etcd, in pages of 500).
+``Tracker.replace`` then emits exactly what was missed.
 
 Responses are read raw (``_preload_content=False``) and parsed with ``json``:
 the generated models are slow, strict about fields a server may omit, and
@@ -48,7 +55,8 @@ log = logging.getLogger("cnisup.k8s-informer")
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds a list page may take to arrive; a page is at most LIST_PAGE_SIZE objects.
 LIST_READ_TIMEOUT_S = 60.0
-#: Objects per list page: 5,000 pods are 10 requests of bounded size each.
+#: Objects per list page of a consistent (etcd) read: 5,000 pods are 10 requests of bounded
+#: size each. The watch cache ignores it (a resourceVersion=0 list comes whole).
 LIST_PAGE_SIZE = 500
 #: Server-side watch duration is drawn from [WATCH_TIMEOUT_S, 2 * WATCH_TIMEOUT_S]
 #: (as client-go does), so many nodes' watches do not all reconnect at once.
@@ -57,6 +65,9 @@ WATCH_TIMEOUT_S = 300
 HEALTHY_WATCH_S = 10.0
 #: A watch line longer than this is not an event we can hold: treated as garbage.
 MAX_LINE_BYTES = 64 << 20
+#: Bytes of one list response read at most. A resourceVersion=0 list comes whole from the
+#: watch cache: 256 MiB is ~100,000 pods at cluster scope (a node's pods are a few hundred KiB).
+MAX_RESPONSE_BYTES = 256 << 20
 
 def user_agent() -> str:
     try:
@@ -94,6 +105,9 @@ def client_configuration(access: Access) -> kclient.Configuration:
         raise CapabilityMissing(f"{access.path} ({access.origin}): {exc.strerror}") from exc
     except (kconfig.ConfigException, OSError, ValueError, TypeError) as exc:
         raise WorkerConfigError("kubernetes.kubeconfig", f"{access.path} ({access.origin}): {exc}") from exc
+    # The client sends a tokenFile verbatim: one that ends in a newline (echo > token) would fail
+    # every request with "Invalid header value"; kubectl, the fallback, trims it.
+    conf.api_key = {k: v.strip() if isinstance(v, str) else v for k, v in conf.api_key.items()}
     conf.connection_pool_maxsize = 2  # one long watch plus a list or discovery at a time
     return conf
 
@@ -131,7 +145,8 @@ class Informer:
     """List + watch of one resource, in its own thread."""
 
     def __init__(self, *, conf: kclient.Configuration, resource: Resource, cfg: Config,
-                 out: Outbox, stop: threading.Event, discover_endpointslices: bool = False) -> None:
+                 out: Outbox, stop: threading.Event, discover_endpointslices: bool = False,
+                 admit: events.Admit | None = None) -> None:
         self.api = kclient.ApiClient(conf)
         self.api.user_agent = user_agent()
         self.resource = resource
@@ -139,8 +154,11 @@ class Informer:
         self.out = out
         self.stop = stop
         self.discover = discover_endpointslices
-        self.tracker = Tracker(resource, out.event)
-        self.rv: str | None = None
+        self.tracker = Tracker(resource, out.event, admit)
+        self.rv: str | None = None  #: the newest resourceVersion seen (list, event or bookmark)
+        self.need_list = True  #: first round, or the watch answered 410
+        self.rv_unavailable = False  #: a LIST at ``rv`` answered 410: list consistently (unset)
+        self.paginated = False  #: an rv=0 list came in pages: no watch cache, keep paging (as client-go)
         self.state = "starting"
         self.lists = 0
         self.watches = 0
@@ -150,7 +168,11 @@ class Informer:
 
     @property
     def field_selector(self) -> str:
-        return events.pod_field_selector(self.cfg) if self.resource is events.PODS else ""
+        return events.field_selector(self.resource, self.cfg)
+
+    @property
+    def label(self) -> str:
+        return self.resource.label
 
     def info(self) -> dict[str, Any]:
         return {"state": self.state, "resource_version": self.rv, "cached": len(self.tracker.cache),
@@ -168,8 +190,8 @@ class Informer:
                     self._discover()
                 self._round()
             except Gone as exc:
-                log.info("%s: %s; relisting", self.resource.plural, exc)
-                self.rv = None
+                log.info("%s: %s; relisting", self.label, exc)
+                self.need_list = True
                 gone += 1
                 if gone == 1:
                     continue  # relist at once; a 410 on every try backs off below
@@ -177,7 +199,7 @@ class Informer:
             except Problem as exc:
                 problem = exc
             except Exception as exc:  # a bug or an unforeseen client error: never kill the thread
-                log.exception("%s: unexpected error", self.resource.plural)
+                log.exception("%s: unexpected error", self.label)
                 problem = Problem("k8s_error", f"{type(exc).__name__}: {exc}")
             # A watch that delivered lines or stayed up a while worked: whatever ended
             # it starts a new streak (first backoff step, a new warning if it fails).
@@ -196,14 +218,14 @@ class Informer:
             self.stop.wait(delay)
 
     def _report(self, problem: Problem, delay: float) -> None:
-        log.warning("%s: %s: %s; retry in %.2f s", self.resource.plural, problem.code, problem, delay)
+        log.warning("%s: %s: %s; retry in %.2f s", self.label, problem.code, problem, delay)
         if problem.code != self.problem:  # once per streak, not once per retry
             self.problem = problem.code
-            self.out.warn(problem.code, f"{self.resource.plural}: {problem}", resource=self.resource.plural)
+            self.out.warn(problem.code, f"{self.label}: {problem}", resource=self.resource.plural)
 
     def _recovered(self) -> None:
         if self.problem is not None:
-            log.info("%s: working again", self.resource.plural)
+            log.info("%s: working again", self.label)
             self.problem = None
 
     # -- requests -----------------------------------------------------------------------------
@@ -230,7 +252,10 @@ class Informer:
 
     def _read_json(self, resp: urllib3.HTTPResponse, what: str) -> dict[str, Any]:
         try:
-            data = json.loads(resp.data)
+            raw = resp.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
+            if len(raw) > MAX_RESPONSE_BYTES:
+                raise Problem("k8s_bad_response", f"{what}: a response over {MAX_RESPONSE_BYTES} bytes")
+            data = json.loads(raw)
         except urllib3.exceptions.HTTPError as exc:
             raise Problem("k8s_connection", f"{what}: {exc}") from exc
         except ValueError as exc:
@@ -259,38 +284,54 @@ class Informer:
 
     # -- layer 2: list, then watch ---------------------------------------------------------------
     def _round(self) -> None:
-        if self.rv is None:
+        if self.need_list:
             self._list()
         self._watch()
 
     def _list(self) -> None:
         self.state = "listing"
         self.lists += 1
-        pages = self._pages()
-        self.tracker.replace(obj for page in pages for obj in page)
+        rv = "" if self.rv_unavailable else self.rv or "0"
+        try:
+            pages = self._pages(rv)
+            self.tracker.replace(obj for page in pages for obj in page)
+        except Gone as exc:
+            self.rv_unavailable = True
+            if rv == "":
+                raise
+            log.info("%s: list at resourceVersion %s: %s; a consistent list", self.label, rv, exc)
+            self._list()
+            return
+        self.need_list = self.rv_unavailable = False
 
-    def _pages(self) -> Iterator[list[dict[str, Any]]]:
-        """Pages of one consistent listing; sets ``self.rv`` to the listing's resourceVersion."""
+    def _pages(self, rv: str) -> Iterator[list[dict[str, Any]]]:
+        """Pages of one consistent listing at ``rv`` ("0", "" or the last seen); sets ``self.rv``
+        to the listing's resourceVersion."""
         token = ""
-        rv = None
+        list_rv = None
+        # client-go: a list at a resourceVersion other than 0 asks no limit, or it would go to etcd.
+        limit = rv in ("", "0") or self.paginated
         while True:
-            params = [("limit", str(LIST_PAGE_SIZE))]
+            params = [("resourceVersion", rv)] if rv and not token else []
+            if limit:
+                params.append(("limit", str(LIST_PAGE_SIZE)))
             if self.field_selector:
                 params.append(("fieldSelector", self.field_selector))
             if token:
                 params.append(("continue", token))
             page = self._read_json(self._get(self.resource.path, params, LIST_READ_TIMEOUT_S),
-                                   f"list {self.resource.plural}")
+                                   f"list {self.label}")
             meta = page.get("metadata") or {}
-            rv = rv or meta.get("resourceVersion")
+            list_rv = list_rv or meta.get("resourceVersion")
             items = page.get("items")
-            if not isinstance(items, list) or not rv:
-                raise Problem("k8s_bad_response", f"list {self.resource.plural}: no items or resourceVersion")
+            if not isinstance(items, list) or not list_rv:
+                raise Problem("k8s_bad_response", f"list {self.label}: no items or resourceVersion")
             yield items
             token = meta.get("continue") or ""
             if not token:
                 break
-        self.rv = str(rv)
+            self.paginated = self.paginated or rv == "0"
+        self.rv = str(list_rv)
 
     # -- layers 3 and 4: one watch request, its lines ---------------------------------------------
     def _watch(self) -> None:
@@ -320,19 +361,19 @@ class Informer:
                 buf += chunk
                 if b"\n" not in chunk:
                     if len(buf) > MAX_LINE_BYTES:
-                        raise Problem("k8s_bad_response", f"watch {self.resource.plural}: a line over "
+                        raise Problem("k8s_bad_response", f"watch {self.label}: a line over "
                                                           f"{MAX_LINE_BYTES} bytes")
                     continue
                 *lines, buf = buf.split(b"\n")
                 yield from (line for line in lines if line.strip())
         except urllib3.exceptions.ReadTimeoutError as exc:
-            raise Problem("k8s_watch_timeout", f"watch {self.resource.plural}: nothing received for "
+            raise Problem("k8s_watch_timeout", f"watch {self.label}: nothing received for "
                                                f"{self.cfg.kubernetes.read_timeout:g} s (read timeout); "
                                                "reconnecting") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise Problem("k8s_connection", f"watch {self.resource.plural}: connection lost: {exc}") from exc
+            raise Problem("k8s_connection", f"watch {self.label}: connection lost: {exc}") from exc
         if buf.strip():
-            raise Problem("k8s_bad_response", f"watch {self.resource.plural}: stream ended inside an event "
+            raise Problem("k8s_bad_response", f"watch {self.label}: stream ended inside an event "
                                               f"({len(buf)} bytes of truncated JSON)")
 
     def _handle(self, line: bytes) -> None:
@@ -342,19 +383,19 @@ class Informer:
             if not isinstance(obj, dict):
                 raise TypeError("object is not a JSON object")
         except (ValueError, KeyError, TypeError) as exc:
-            raise Problem("k8s_bad_response", f"watch {self.resource.plural}: not a watch event "
+            raise Problem("k8s_bad_response", f"watch {self.label}: not a watch event "
                                               f"({exc}): {line[:120]!r}") from exc
         if etype == "ERROR":
             code, message = obj.get("code"), obj.get("message", "")
             if code == 410:
                 raise Gone(f"ERROR event 410: {message}")
             raise Problem("k8s_forbidden" if code in (401, 403) else "k8s_api_error",
-                          f"watch {self.resource.plural}: ERROR event {code}: {message}")
+                          f"watch {self.label}: ERROR event {code}: {message}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if etype in ("ADDED", "MODIFIED", "DELETED"):
             self.tracker.apply(etype, obj)
         elif etype != "BOOKMARK":
-            raise Problem("k8s_bad_response", f"watch {self.resource.plural}: unknown event type {etype!r}")
+            raise Problem("k8s_bad_response", f"watch {self.label}: unknown event type {etype!r}")
         if rv:
             self.rv = str(rv)
 
@@ -367,20 +408,24 @@ class K8sInformerWorker(Worker):
         self.conf = client_configuration(self.access)
         self.out = Outbox()
         self.stop = threading.Event()
-        self.informers = [
-            Informer(conf=self.conf, resource=r, cfg=self.cfg, out=self.out, stop=self.stop,
-                     discover_endpointslices=r is events.ENDPOINTSLICES)
-            for r in events.resources(endpointslices=True)]
+
+        def informer(r: Resource, admit: events.Admit | None = None) -> Informer:
+            return Informer(conf=self.conf, resource=r, cfg=self.cfg, out=self.out, stop=self.stop,
+                            discover_endpointslices=r is events.ENDPOINTSLICES, admit=admit)
+
+        self.informers = [informer(r) for r in events.resources(endpointslices=True) if r not in events.EVENTS]
+        pods = next(i for i in self.informers if i.resource is events.PODS).tracker.cache
+        self.informers += [informer(r, events.NodeEvents(self.cfg.node_name, pods)) for r in events.EVENTS]
 
     def run(self) -> None:
         ctx = self.ctx
         log.info("API server %s (%s from %s); pods: %s", self.conf.host, self.access.path, self.access.origin,
                  events.pod_field_selector(self.cfg) or "all nodes")
         for inf in self.informers:
-            threading.Thread(target=inf.run, name=f"informer-{inf.resource.plural}", daemon=True).start()
+            threading.Thread(target=inf.run, name=f"informer-{inf.label}", daemon=True).start()
         ctx.describe(lambda: {"server": self.conf.host, "kubeconfig": self.access.path,
                               "pod_scope": self.cfg.kubernetes.pod_scope,
-                              "resources": {i.resource.plural: i.info() for i in self.informers}})
+                              "resources": {i.label: i.info() for i in self.informers}})
         try:
             while not ctx.stopping:
                 ctx.wait([self.out.wake_r])

@@ -1,4 +1,5 @@
-"""k8s family, fallback worker: one ``kubectl get --watch`` subprocess per resource.
+"""k8s family, fallback worker: one ``kubectl get --watch`` subprocess per watched
+collection (Events: one per reason, with the same field selectors as the informer).
 
 ``kubectl get <resource> --all-namespaces --watch --output-watch-events -o
 json`` lists, prints every object as an ADDED event, then prints the watch's
@@ -129,10 +130,10 @@ class Documents:
 class Stream:
     """One resource's kubectl subprocess and the decoding of its output."""
 
-    def __init__(self, worker: KubectlWorker, resource: Resource) -> None:
+    def __init__(self, worker: KubectlWorker, resource: Resource, admit: events.Admit | None = None) -> None:
         self.w = worker
         self.resource = resource
-        self.tracker = Tracker(resource, worker.ctx.publish)
+        self.tracker = Tracker(resource, worker.ctx.publish, admit)
         self.proc: subprocess.Popen[bytes] | None = None
         self.restart_at = 0.0
         self.attempt = 0
@@ -158,7 +159,7 @@ class Stream:
         argv += ["--cache-dir", w.cache_dir, f"--request-timeout={lifetime:.0f}s", "-v=6",
                  "get", self.resource.kubectl_name, "--all-namespaces", "--watch", "--output-watch-events",
                  "-o", "json"]
-        if self.resource is events.PODS and (selector := events.pod_field_selector(w.cfg)):
+        if selector := events.field_selector(self.resource, w.cfg):
             argv += ["--field-selector", selector]
         return argv
 
@@ -241,11 +242,11 @@ class Stream:
 
     def _decode(self, docs: list[Any], problems: list[str]) -> None:
         for p in problems:
-            self.w.report(self, "k8s_bad_response", f"kubectl get {self.resource.plural}: {p}")
+            self.w.report(self, "k8s_bad_response", f"kubectl get {self.resource.label}: {p}")
         for doc in docs:
             self._document(doc)
         if self.decoder.pending > MAX_PENDING_BYTES:
-            self.w.report(self, "k8s_bad_response", f"kubectl get {self.resource.plural}: "
+            self.w.report(self, "k8s_bad_response", f"kubectl get {self.resource.label}: "
                                                     f"{self.decoder.pending} bytes that do not decode as JSON")
             self.decoder = Documents()
             self.stop()
@@ -253,11 +254,11 @@ class Stream:
     def _document(self, doc: Any) -> None:
         if not isinstance(doc, dict) or not isinstance(doc.get("object"), dict):
             self.w.report(self, "k8s_bad_response",
-                          f"kubectl get {self.resource.plural}: not a watch event: {str(doc)[:120]}")
+                          f"kubectl get {self.resource.label}: not a watch event: {str(doc)[:120]}")
             return
         etype, obj = doc.get("type"), doc["object"]
         if etype == "ERROR":  # kubectl prints it, then exits (and is restarted: a relist)
-            log.info("kubectl get %s: ERROR event %s: %s", self.resource.plural, obj.get("code"), obj.get("message"))
+            log.info("kubectl get %s: ERROR event %s: %s", self.resource.label, obj.get("code"), obj.get("message"))
             return
         if isinstance(obj.get("items"), list):
             # A listing that took several pages is printed as one ADDED "List" object.
@@ -299,12 +300,12 @@ class Stream:
         delay = events.reconnect_delay_s(self.attempt)
         self.restart_at = now + delay
         log.info("kubectl get %s exited %s after %.1f s (%s); restart in %.2f s",
-                 self.resource.plural, code, ran, reason, delay)
+                 self.resource.label, code, ran, reason, delay)
         if re.search(r"Forbidden|forbidden|Unauthorized", reason):
-            self.w.report(self, "k8s_forbidden", f"kubectl get {self.resource.plural}: {reason}")
+            self.w.report(self, "k8s_forbidden", f"kubectl get {self.resource.label}: {reason}")
         elif code != 0 and not healthy:
             self.w.report(self, "k8s_kubectl_exited",
-                          f"kubectl get {self.resource.plural} exited {code}: {reason}")
+                          f"kubectl get {self.resource.label} exited {code}: {reason}")
 
 
 class KubectlWorker(Worker):
@@ -369,7 +370,9 @@ class KubectlWorker(Worker):
             log.info("kubectl %s, %s from %s; pods: %s", self.kubectl, self.access.path, self.access.origin,
                      events.pod_field_selector(self.cfg) or "all nodes")
             slices = self._endpointslices()
-            self.streams = [Stream(self, r) for r in events.resources(endpointslices=slices)]
+            self.streams = [Stream(self, r) for r in events.resources(endpointslices=slices) if r not in events.EVENTS]
+            pods = next(s for s in self.streams if s.resource is events.PODS).tracker.cache
+            self.streams += [Stream(self, r, events.NodeEvents(self.cfg.node_name, pods)) for r in events.EVENTS]
             for s in self.streams:
                 s.start()
             self._loop()
@@ -381,7 +384,7 @@ class KubectlWorker(Worker):
         ctx = self.ctx
         ctx.describe(lambda: {"kubectl": self.kubectl, "kubeconfig": self.access.path,
                               "pod_scope": self.cfg.kubernetes.pod_scope,
-                              "resources": {s.resource.plural: {"pid": s.proc.pid if s.proc else None,
+                              "resources": {s.resource.label: {"pid": s.proc.pid if s.proc else None,
                                                                 "runs": s.runs, "cached": len(s.tracker.cache)}
                                             for s in self.streams}})
         while not ctx.stopping:
