@@ -136,6 +136,10 @@ def test_pod_stories_from_the_journal(node: Node) -> None:
     failed = node.add("web-2")
     assert failed[0].exit_code != 0
     printed = failed[0].json
+    # what the kubelet records about it on the API server
+    kubelet_says = f'Failed to create pod sandbox: plugin type="bridge" failed (add): {printed["msg"]}'
+    api.put("events", o.event("web-2.1", "web-2", "FailedCreatePodSandBox", host=NODE, message=kubelet_says,
+                              uid="uid-web-2"))
     # web-0 goes away: DEL, the pod deleted; web-3 gets its address
     assert all(out.exit_code == 0 for out in node.delete("web-0"))
     api.delete("pods", "web-0")
@@ -143,6 +147,7 @@ def test_pod_stories_from_the_journal(node: Node) -> None:
     assert reused[0].json["ips"][0]["address"] == ip0
     wait_history(node.c, ["--pod", "default/web-3", "--kind", "cni.plugin.finished"], 2)
     wait_history(node.c, ["--kind", "k8s.pod.ip_released"], 1)
+    wait_history(node.c, ["--kind", "k8s.pod.event"], 1)
 
     story = explain(node.c, "pod", "default/web-2")
     v = story["verdict"]
@@ -164,6 +169,9 @@ def test_pod_stories_from_the_journal(node: Node) -> None:
     assert add["config"]["path"] == str(node.conf_path) and add["config"]["last_change"] == "modified"
     changes = [(c["kind"], c["data"]["path"]) for c in story["config_changes"]]
     assert ("cni.config.modified", str(node.conf_path)) in changes
+    # the API server's view of the same failure, beside the kernel's
+    (sandbox,) = [k for k in story["k8s"] if k["kind"] == "k8s.pod.event"]
+    assert sandbox["data"]["reason"] == "FailedCreatePodSandBox" and sandbox["data"]["message"] == kubelet_says
 
     healthy = explain(node.c, "pod", "default/web-3")["verdict"]
     assert healthy["state"] == "networked" and healthy["ips"] == [ip0] and healthy["chain"] == ["bridge"]
@@ -187,10 +195,12 @@ def test_pod_stories_from_the_journal(node: Node) -> None:
 
     human = cnisup(["explain", "pod", "default/web-2"], node.c)
     assert human.returncode == 0 and "\x1b[" not in human.stdout
+    assert "Warning FailedCreatePodSandBox: Failed to create pod sandbox" in human.stdout
     assert human.stdout.splitlines()[-1].startswith("verdict: failed: ADD failed at ")
     failed_lines = cnisup(["history", "--failed", "--kind", "cni.plugin"], node.c).stdout.splitlines()
     assert any("failed" in line and "default/web-2" in line and "bridge(host-local)" in line
                and printed["msg"][:40] in line for line in failed_lines), failed_lines
-    envs = wait_history(node.c, ["--pod", "default/web-2"], 2)
-    assert {e["kind"] for e in envs} >= {"cni.plugin.started", "cni.plugin.finished"}
-    assert all(e["data"].get("container_id") == node.containers["web-2"] for e in envs)
+    envs = wait_history(node.c, ["--pod", "default/web-2"], 3)
+    assert {e["kind"] for e in envs} >= {"cni.plugin.started", "cni.plugin.finished", "k8s.pod.event"}
+    assert all(e["data"].get("container_id") == node.containers["web-2"] for e in envs
+               if not e["kind"].startswith("k8s."))
