@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from .untrusted import MAX_ERROR, one_line
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRESETS = ("development", "production")
 POD_SCOPES = ("node", "cluster")
@@ -36,6 +38,9 @@ class ConfigError(Exception):
     """A configuration problem, naming the key (``cni.conf_dirs[1]``)."""
 
     def __init__(self, key: str, message: str) -> None:
+        # Keys and values come from the input: the whole error is one bounded line.
+        key = one_line(key, 120)
+        message = one_line(message, MAX_ERROR - len(key) - 2 if key else MAX_ERROR)
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message

@@ -20,10 +20,14 @@ from cnisup.supervisor.supervisor import StartError, Supervisor
 
 EX_START_FAILED = 1
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+# Plain strings, checked by config.load like every other configuration input
+# (a bad value is one line and exit 78, as for the file).
+config_option = click.option("--config", "config_path", metavar="FILE",
                              help="YAML configuration file (see config_example.yaml).")
-preset_option = click.option("--preset", type=click.Choice(config.PRESETS),
+preset_option = click.option("--preset", metavar="|".join(config.PRESETS),
                              help="Preset under the file's keys (overrides the file's 'preset').")
+log_level_option = click.option("--log-level", metavar="|".join(config.LOG_LEVELS),
+                                help="Overrides log_level and $LOG_LEVEL.")
 
 
 def _load(config_path: str | None, preset: str | None = None, log_level: str | None = None) -> config.Config:
@@ -43,7 +47,7 @@ def main() -> None:
 @main.command()
 @config_option
 @preset_option
-@click.option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False))
+@log_level_option
 def start(config_path: str | None, preset: str | None, log_level: str | None) -> None:
     """Run the supervisor in the foreground until SIGTERM/SIGINT (SIGHUP reloads)."""
     cfg = _load(config_path, preset, log_level)
@@ -54,7 +58,7 @@ def start(config_path: str | None, preset: str | None, log_level: str | None) ->
         code = sup.run()
     except StartError as exc:
         click.echo(f"cnisup: {exc}", err=True)
-        sys.exit(EX_START_FAILED)
+        sys.exit(exc.code)
     sys.exit(code)
 
 
@@ -193,7 +197,7 @@ def config_group() -> None:
 @config_group.command("show")
 @config_option
 @preset_option
-@click.option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False))
+@log_level_option
 def config_show(config_path: str | None, preset: str | None, log_level: str | None) -> None:
     """The effective configuration: defaults < preset < file < environment < flags."""
     cfg = _load(config_path, preset, log_level)

@@ -11,8 +11,6 @@ queue a command ("stop", "reload") that the loop carries out.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -27,7 +25,7 @@ import zmq
 
 from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.kinds import SupervisorKind as K
-from cnisup.supervisor import __version__, control, probes
+from cnisup.supervisor import __version__, control, probes, runtime
 from cnisup.supervisor.config import Config, ConfigError, load
 from cnisup.supervisor.proxy import INPROC_BUS, Proxy, ProxyError, ProxySettings
 from cnisup.supervisor.slot import DOWN, Slot, State, SystemClock, Wiring
@@ -48,6 +46,10 @@ FLUSH_TIMEOUT_S = 1.0
 
 class StartError(Exception):
     """cnisup start cannot run (lock held, runtime dir unusable, bind failed)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code  #: exit code of ``cnisup start``: 78 for an unsafe runtime dir
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -108,24 +110,18 @@ class Supervisor:
         return Identity(os.getuid(), os.getgid(), tuple(os.getgroups()), False)
 
     def _lock(self) -> None:
+        """The runtime dir (made safe), its private dir, and the lock in it."""
         try:
-            os.makedirs(self.cfg.runtime_dir, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise StartError(f"cannot create runtime_dir {self.cfg.runtime_dir}: {exc.strerror} "
-                             "(run as root, or use --preset development)") from exc
-        fd = os.open(self.cfg.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartError(f"another cnisup instance (pid {holder}) holds {self.cfg.lock_path}; "
-                             "refusing to start a second one") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            dir_fd = runtime.ensure(self.cfg.runtime_dir)
+            try:
+                os.close(runtime.open_dir("private", mode=0o711, dir_fd=dir_fd, what="private dir"))
+                self._lock_fd = runtime.lock(dir_fd, os.path.basename(self.cfg.lock_path), self.cfg.lock_path)
+            finally:
+                os.close(dir_fd)
+        except runtime.Refused as exc:
+            raise StartError(str(exc), exitcodes.EX_CONFIG) from None
+        except runtime.Held as exc:
+            raise StartError(str(exc)) from None
 
     # -- what slots use ------------------------------------------------------------
     def publish(self, kind: str, data: dict[str, Any]) -> None:
@@ -185,16 +181,13 @@ class Supervisor:
         self.bus = Bus(INPROC_BUS, stamp, context=self.ctx, sndhwm=self.cfg.workers.bus_hwm)
         self.bus.wait_ready(5.0)
         self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
+        control.configure(self.control)
         try:
             self.control.bind(self.cfg.control.endpoint)
         except zmq.ZMQError as exc:
             raise StartError(f"cannot bind control.endpoint {self.cfg.control.endpoint}: {exc}") from exc
         if self.cfg.control.endpoint.startswith("ipc://"):
-            path = self.cfg.control.endpoint[len("ipc://"):]
-            os.chmod(path, 0o660)
-            if gid is not None:
-                os.chown(path, 0, gid)
+            runtime.secure_socket(self.cfg.control.endpoint[len("ipc://"):], 0o660, gid=-1 if gid is None else gid)
 
     def _enqueue(self, cmd: str) -> Callable[[int, FrameType | None], None]:
         """A signal handler that only queues ``cmd`` for the loop."""
