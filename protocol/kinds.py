@@ -184,8 +184,10 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     SupervisorKind.LOSS: ("events were dropped (bus high-water mark, ring buffer)", obj(
         ["family", "worker", "incarnation", "where", "dropped", "dropped_total"],
         {**_W, "incarnation": S, "where": S, "dropped": INT, "dropped_incarnation": INT, "dropped_total": INT})),
-    SupervisorKind.CONFIG_RELOADED: ("SIGHUP: the configuration was re-read", obj(
-        ["changed", "ignored"], {"changed": STRS, "ignored": STRS})),
+    SupervisorKind.CONFIG_RELOADED: ("SIGHUP: the configuration was re-read; only the workers that read a "
+                                     "changed key were restarted", obj(
+        ["changed", "ignored"], {"changed": STRS, "ignored": STRS,
+                                 "restarted": {"type": "object", "additionalProperties": S}})),
     SupervisorKind.CONFIG_RELOAD_FAILED: ("SIGHUP: the new file is invalid; nothing changed", obj(
         ["key", "error"], {"key": S, "error": S})),
     MonitorKind.WARNING: ("a worker survived a problem (limits, overflow, unreadable input)", obj(

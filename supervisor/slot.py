@@ -113,7 +113,7 @@ class _Replacement:
 
     worker: WorkerInfo | None
     reason: str
-    kind: str  #: the event that announces the switch
+    kind: str | None  #: the event that announces the switch (None: the same worker, restarted)
 
 
 class Slot:
@@ -312,7 +312,8 @@ class Slot:
             self.worker, self.reason = None, r.reason
             self._change(S.DISABLED)
             return
-        self._event(r.kind, **{"from": old.name, "to": r.worker.name, "reason": r.reason})
+        if r.kind is not None:
+            self._event(r.kind, **{"from": old.name, "to": r.worker.name, "reason": r.reason})
         if r.worker is self.family.primary:
             self.fallback_reason, self.reprobe_at = None, None
         self._spawn(r.worker, r.reason)
@@ -386,11 +387,12 @@ class Slot:
         else:
             self.reprobe_at = self.w.clock.monotonic() + self.cfg.restart.reprobe_interval
 
-    def _replace(self, worker: WorkerInfo | None, reason: str, kind: str) -> None:
+    def _replace(self, worker: WorkerInfo | None, reason: str, kind: str | None) -> None:
         """Stop the current process; start ``worker`` once it has exited."""
         assert self.child is not None
         self._replacement = _Replacement(worker, reason, kind)
-        self._terminate()
+        if self.state is not S.STOPPING:  # already on its way out: the new plan is enough
+            self._terminate()
 
     def _terminate(self) -> None:
         assert self.child is not None
@@ -399,15 +401,34 @@ class Slot:
         self.child.signal(signal.SIGTERM)
 
     # -- reload and stop ----------------------------------------------------------------
-    def reconfigure(self, cfg: Config) -> None:
-        """A reload changed the configuration: choose again, and restart the
-        worker with the new settings (or start one, or disable the family)."""
+    def reload_reason(self, changed: list[str]) -> str | None:
+        """Why a reload that changed the keys ``changed`` (re)starts this family's
+        worker; None when it does not (nothing the worker reads changed)."""
+        if self.state in DOWN:
+            return f"retried on reload (was {self.state})"  # SIGHUP is the operator's "try again"
+        mine = self.family.affected_by(changed)
+        if not mine:
+            return None
+        more = f" and {len(mine) - 3} more" if len(mine) > 3 else ""
+        return f"{', '.join(mine[:3])}{more} changed"
+
+    def reconfigure(self, cfg: Config, reason: str | None) -> None:
+        """A reload: adopt ``cfg`` (the supervisor's side of it, such as the restart
+        policy, applies at once); when ``reason`` says something the worker reads
+        changed, choose again and restart the worker with the new settings (or
+        start one, or disable the family). Otherwise the worker keeps running."""
         self.cfg = cfg
+        if reason is None:
+            return
         self._histories.clear()
         if self.child is not None:
             choice = self.w.choose(self.family)
             target = choice.worker if choice.enabled else None
-            self._replace(target, f"configuration reloaded: {choice.reason}", K.WORKER_SWITCHED)
+            why = f"configuration reloaded: {reason}"
+            if target is self.worker:
+                self._replace(target, why, None)
+            else:
+                self._replace(target, f"{why}; {choice.reason}", K.WORKER_SWITCHED)
         else:
             self.restart_at = self.reprobe_at = None
             self.start()

@@ -25,6 +25,7 @@ import zmq
 
 from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.kinds import SupervisorKind as K
+from cnisup.protocol.untrusted import one_line
 from cnisup.supervisor import __version__, control, probes, runtime
 from cnisup.supervisor.config import Config, ConfigError, load
 from cnisup.supervisor.proxy import INPROC_BUS, Proxy, ProxyError, ProxySettings
@@ -38,8 +39,9 @@ from cnisup.workers.spec import WorkerSpec
 
 log = logging.getLogger("cnisup.supervisor")
 
-#: Keys whose change needs a restart of ``cnisup start`` itself.
-RESTART_ONLY_KEYS = ("runtime_dir", "publish", "control")
+#: Keys whose change needs a restart of ``cnisup start`` itself (the sockets are
+#: bound, and the private bus belongs to the workers' user, at start).
+RESTART_ONLY_KEYS = ("runtime_dir", "publish", "control", "workers.user")
 #: Seconds the last events may take through the proxy on the way out.
 FLUSH_TIMEOUT_S = 1.0
 
@@ -293,22 +295,33 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", exc)
             self.publish(K.CONFIG_RELOAD_FAILED, {"key": exc.key, "error": str(exc)})
             return
+        except Exception as exc:  # a bug in loading must not stop a running supervisor either
+            error = one_line(f"{type(exc).__name__}: {exc}")
+            log.exception("reload failed, keeping the running configuration: %s", error)
+            self.publish(K.CONFIG_RELOAD_FAILED, {"key": "", "error": error})
+            return
         old_flat, new_flat = _flatten(self.cfg.to_dict()), _flatten(new.to_dict())
         changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
-        ignored = [k for k in changed if k.split(".")[0] in RESTART_ONLY_KEYS]
+        ignored = [k for k in changed if k.split(".")[0] in RESTART_ONLY_KEYS or k in RESTART_ONLY_KEYS]
         for key in RESTART_ONLY_KEYS:
-            setattr(new, key, getattr(self.cfg, key))
+            section, _, name = key.partition(".")
+            if name:
+                setattr(getattr(new, section), name, getattr(getattr(self.cfg, section), name))
+            else:
+                setattr(new, key, getattr(self.cfg, key))
         if ignored:
             log.warning("reload: %s need a restart of cnisup start; not applied", ", ".join(ignored))
         applied = [k for k in changed if k not in ignored]
         self.cfg = new
         logging.getLogger().setLevel(new.log_level.upper())
-        self.publish(K.CONFIG_RELOADED, {"changed": applied, "ignored": ignored})
-        log.info("configuration reloaded; changed: %s", ", ".join(applied) or "nothing")
-        if not applied:
-            return
-        for slot in self.slots.values():
-            slot.reconfigure(new)
+        # Only the workers that read a changed key restart: the others never go blind.
+        reasons = {name: slot.reload_reason(applied) for name, slot in self.slots.items()}
+        restarted = {name: why for name, why in reasons.items() if why is not None}
+        self.publish(K.CONFIG_RELOADED, {"changed": applied, "ignored": ignored, "restarted": restarted})
+        log.info("configuration reloaded; changed: %s; restarted: %s", ", ".join(applied) or "nothing",
+                 ", ".join(f"{n} ({why})" for n, why in restarted.items()) or "nothing")
+        for name, slot in self.slots.items():
+            slot.reconfigure(new, reasons[name])
 
     def _begin_stop(self, why: str) -> None:
         if self.stopping:

@@ -35,12 +35,27 @@ class WorkerInfo:
         return fn
 
 
+#: Configuration keys every worker reads (the envelope's node, its logging, its
+#: heartbeat and bus queue); a key names itself and every key under it.
+WORKER_SETTINGS = ("node_name", "log_level", "workers.heartbeat_interval", "workers.bus_hwm")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     primary: WorkerInfo
     fallback: WorkerInfo
     prefer_key: str  #: config key that says "prefer the primary"
+    #: Keys its workers read besides WORKER_SETTINGS; a reload that changes none of
+    #: them (nor prefer_key, nor monitors.<name>) leaves its worker running. None: all.
+    reads: tuple[str, ...] | None = None
+
+    def affected_by(self, changed: list[str]) -> list[str]:
+        """Which of the ``changed`` keys (flattened, ``cni.bin_dirs``) its workers see."""
+        if self.reads is None:
+            return list(changed)
+        mine = (*WORKER_SETTINGS, *self.reads, self.prefer_key, f"monitors.{self.name}")
+        return [k for k in changed if any(k == m or k.startswith(f"{m}.") for m in mine)]
 
 
 def _w(name: str, family: str, role: str, privileged: bool, module: str, cls: str, probe: str) -> WorkerInfo:
@@ -54,6 +69,7 @@ FAMILIES: dict[str, Family] = {
         primary=_w("inotify", "config", "primary", False, "inotify", "InotifyWorker", "inotify"),
         fallback=_w("file-poll", "config", "fallback", False, "filepoll", "FilePollWorker", "file_poll"),
         prefer_key="use_inotify",
+        reads=("cni", "fallback.file_poll_interval"),
     ),
     "kernel": Family(
         name="kernel",
@@ -62,12 +78,14 @@ FAMILIES: dict[str, Family] = {
         # runtime's CNI_* variables) is readable only with root's ptrace access.
         fallback=_w("proc-poll", "kernel", "fallback", True, "procpoll", "ProcPollWorker", "proc_poll"),
         prefer_key="use_ebpf",
+        reads=("cni.bin_dirs", "fallback.process_poll_interval"),
     ),
     "k8s": Family(
         name="k8s",
         primary=_w("k8s-informer", "k8s", "primary", False, "informer", "K8sInformerWorker", "informer"),
         fallback=_w("kubectl", "k8s", "fallback", False, "kubectl", "KubectlWorker", "kubectl"),
         prefer_key="use_k8s_informer",
+        reads=("kubernetes",),
     ),
 }
 
