@@ -300,8 +300,14 @@ class Config:
 
     @property
     def bus_endpoint(self) -> str:
-        """The private XSUB socket workers publish to."""
+        """The private XSUB socket workers publish to (owned by the workers' user)."""
         return f"ipc://{self.runtime_dir}/private/bus.sock"
+
+    @property
+    def privileged_bus_endpoint(self) -> str:
+        """The same XSUB's socket for workers that keep the supervisor's uid: owned
+        by it, so they reach it without CAP_DAC_OVERRIDE (which the unit does not grant)."""
+        return f"ipc://{self.runtime_dir}/private/bus-root.sock"
 
     @property
     def lock_path(self) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,12 @@ from typing import Any
 import click
 import yaml
 
-from cnisup.protocol import exitcodes
+from cnisup.protocol import exitcodes, reach
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import CurveClient, Subscriber
-from cnisup.supervisor import __version__, config, control, probes
+from cnisup.supervisor import __version__, config, control, probes, service
 from cnisup.supervisor.supervisor import StartError, Supervisor
+from cnisup.workers import logs
 
 EX_START_FAILED = 1
 
@@ -51,8 +51,7 @@ def main() -> None:
 def start(config_path: str | None, preset: str | None, log_level: str | None) -> None:
     """Run the supervisor in the foreground until SIGTERM/SIGINT (SIGHUP reloads)."""
     cfg = _load(config_path, preset, log_level)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(cfg.log_level, "%(name)s")
     sup = Supervisor(cfg, config_path=config_path, preset=preset, log_level=log_level)
     try:
         code = sup.run()
@@ -72,20 +71,38 @@ def check(config_path: str | None, preset: str | None, as_json: bool) -> None:
     report = probes.check(cfg)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        if down := probes.unrunnable(report):
+            click.echo(f"cnisup check: no worker can run for: {', '.join(down)}", err=True)
+            sys.exit(EX_START_FAILED)
         return
     ident = report["workers_identity"]
     click.echo(f"node: {report['node']}   running as uid {report['euid']}")
     click.echo(f"unprivileged workers run as {ident['user']} (uid {ident['uid']}, gid {ident['gid']})"
                + (f" - {ident['note']}" if ident["note"] else ""))
     click.echo(f"events: {', '.join(report['publish'])}   control: {report['control']}")
-    for fam in report["families"]:
-        state = fam["worker"] or "none"
+    _echo_families(report["families"], details=True)
+    if (unit := report["service"]) is not None:
+        caps = "not limited" if unit["capabilities"] is None else " ".join(unit["capabilities"]) or "none"
+        click.echo(f"\nas {service.UNIT} will run ({unit['unit']}{''.join(', ' + d for d in unit['dropins'])}): "
+                   f"user {unit['user']}, NoNewPrivileges={'yes' if unit['no_new_privs'] else 'no'}, "
+                   f"capabilities {caps}")
+        if "error" in unit:
+            click.echo(f"  {unit['error']}")
+        _echo_families(unit.get("families", []), details=False)
+    if down := probes.unrunnable(report):
+        click.echo(f"\ncnisup check: no worker can run for: {', '.join(down)}", err=True)
+        sys.exit(EX_START_FAILED)
+
+
+def _echo_families(families: list[dict[str, Any]], *, details: bool) -> None:
+    for fam in families:
+        state = fam["worker"] or ("idle" if fam.get("idle") else "none")
         click.echo(f"\n[{fam['family']}] -> {state}: {fam['reason']}")
         for name, p in fam["probes"].items():
             mark = "ok  " if p["ok"] else "FAIL"
             click.echo(f"  {mark} {name}: {p['reason']}")
             for key, value in p.items():
-                if key not in ("ok", "reason"):
+                if details and key not in ("ok", "reason"):
                     click.echo(f"       {key}: {value}")
 
 
@@ -103,8 +120,8 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
     cfg = _load(config_path, preset)
     try:
         reply = control.request(cfg.control.endpoint, "status", timeout_ms=int(timeout * 1000))
-    except TimeoutError as exc:
-        click.echo(f"cnisup: {exc}", err=True)
+    except (TimeoutError, ConnectionError) as exc:
+        click.echo(f"cnisup status: {exc}", err=True)
         sys.exit(EX_START_FAILED)
     if as_json:
         click.echo(json.dumps(reply, indent=2))
@@ -122,7 +139,7 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
             click.echo(f"{'':8} fallback because: {w['fallback_reason']}")
         if w.get("last_exit"):
             click.echo(f"{'':8} last exit: {w['last_exit']['reason']}")
-        if w["state"] in ("unavailable", "disabled", "failed") and w.get("reason"):
+        if w["state"] in ("unavailable", "idle", "disabled", "failed") and w.get("reason"):
             click.echo(f"{'':8} {w['reason']}")
 
 
@@ -163,6 +180,10 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
         if secret is None:
             raise click.UsageError(f"{curve_key} holds no secret key")
         curve = CurveClient(server_public, public, secret)
+    for ep in eps:  # ZeroMQ would wait silently for a socket that is not there or not ours
+        if (exc := reach.unreachable(ep)) is not None:
+            click.echo(f"cnisup tail: {reach.describe(ep, exc)}", err=True)
+            sys.exit(EX_START_FAILED)
     seen = 0
     with Subscriber(eps, topics=list(topics), curve=curve) as sub:
         if not sub.detect_gaps:
@@ -187,6 +208,9 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
                     break
         except KeyboardInterrupt:
             pass
+    if timeout and not seen:
+        click.echo(f"cnisup tail: no event from {', '.join(eps)} within {timeout:g} s", err=True)
+        sys.exit(EX_START_FAILED)
 
 
 @main.group("config")
@@ -207,9 +231,14 @@ def config_show(config_path: str | None, preset: str | None, log_level: str | No
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="cnisup", show_default=True, help="Base name of the certificate files.")
-def keygen(directory: str, name: str) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing key pair of that name.")
+def keygen(directory: str, name: str, force: bool) -> None:
     """Create a CURVE key pair (NAME.key public, NAME.key_secret secret) in DIRECTORY."""
     import zmq.auth
+    existing = [p for p in (Path(directory) / f"{name}.key", Path(directory) / f"{name}.key_secret") if p.exists()]
+    if existing and not force:
+        click.echo(f"cnisup keygen: {existing[0]} exists; not overwriting it (--force replaces the pair)", err=True)
+        sys.exit(EX_START_FAILED)
     Path(directory).mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     Path(secret).chmod(0o600)

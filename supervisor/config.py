@@ -26,8 +26,8 @@ import yaml
 from cnisup.protocol.settings import LOG_LEVELS, PRESETS, Config, ConfigError, field_docs
 from cnisup.protocol.untrusted import undecodable_at
 
-#: Bytes of a configuration file; every key with its comment is about 7 KiB. (Parsing 64 KiB
-#: of the worst shape, one long flow list, takes about 0.2 s.)
+#: Bytes of a configuration file; every key with its comment is about 7 KiB. (What parsing
+#: the most expensive 64 KiB costs: ``make bench``, start-up rows.)
 MAX_CONFIG_BYTES = 64 << 10
 #: Nesting of a configuration file: its sections are two levels deep, their lists three.
 MAX_CONFIG_DEPTH = 16
@@ -45,7 +45,10 @@ def _dev_runtime_dir() -> str:
 def preset_values(name: str) -> dict[str, Any]:
     """What a preset sets; a file's explicit keys override these."""
     if name == "production":
-        return {"log_level": "info", "runtime_dir": "/run/cnisup"}
+        # Plugins are where the runtime is told to find them: /opt/cni/bin (upstream's
+        # default) or /usr/lib/cni (Debian's containernetworking-plugins).
+        return {"log_level": "info", "runtime_dir": "/run/cnisup",
+                "cni": {"bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"]}}
     return {  # development: runs as any user, reacts fast, talks a lot
         "log_level": "debug",
         "runtime_dir": _dev_runtime_dir(),

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from cnisup.protocol import reach
 from cnisup.protocol.untrusted import UntrustedInputError, load_json, one_line
 
 #: Bytes of one request: a command name and a few fields. Anything bigger is refused with a reply.
@@ -88,7 +89,11 @@ def serve_one(sup: Status, sock: zmq.Socket[Any]) -> None:
 
 
 def request(endpoint: str, cmd: str, *, timeout_ms: int = 3000, **fields: Any) -> dict[str, Any]:
-    """Client side, used by ``cnisup status``; any program can do the same."""
+    """Client side, used by ``cnisup status``; any program can do the same.
+    ``ConnectionError`` when the socket cannot be reached at all (missing, no
+    permission), ``TimeoutError`` when nobody answers."""
+    if (exc := reach.unreachable(endpoint)) is not None:
+        raise ConnectionError(f"{reach.describe(endpoint, exc)} (is cnisup start running with this config?)")
     ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)

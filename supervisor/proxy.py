@@ -45,6 +45,8 @@ class ProxySettings:
     worker_uid: int | None = None
     curve_secret_file: str = ""
     curve_authorized_dir: str = ""
+    #: a second endpoint of the same XSUB for the workers that keep our uid (None: none)
+    privileged_bus_endpoint: str | None = None
 
 
 class ProxyError(RuntimeError):
@@ -98,11 +100,17 @@ class Proxy:
         # Its dir (the supervisor made it: ours, 0711) is traversable; the socket's own
         # mode decides who connects. (Handing the dir to the workers' user would need
         # CAP_DAC_OVERRIDE to bind in it.)
+        # Two owners, two sockets of one XSUB: the workers' user owns one; workers that
+        # keep our uid (root without CAP_DAC_OVERRIDE under the unit) own the other.
         priv = _ipc_path(s.bus_endpoint)
         xsub.bind(s.bus_endpoint)
-        xsub.bind(INPROC_BUS)
         if priv:
             secure_socket(priv, 0o600, uid=-1 if s.worker_uid is None else s.worker_uid)
+        if s.privileged_bus_endpoint:
+            xsub.bind(s.privileged_bus_endpoint)
+            if (root_path := _ipc_path(s.privileged_bus_endpoint)) is not None:
+                secure_socket(root_path, 0o600)
+        xsub.bind(INPROC_BUS)
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
 
     def _curve_server(self, xpub: zmq.Socket[Any]) -> None:
@@ -189,7 +197,8 @@ class Proxy:
             self._control.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        for ep in [self.settings.bus_endpoint, *self.settings.public_endpoints]:
+        for ep in [self.settings.bus_endpoint, self.settings.privileged_bus_endpoint or "",
+                   *self.settings.public_endpoints]:
             path = _ipc_path(ep)
             if path:
                 try:

@@ -29,7 +29,7 @@ from cnisup.protocol.untrusted import one_line
 from cnisup.supervisor import __version__, control, probes, runtime
 from cnisup.supervisor.config import Config, ConfigError, load
 from cnisup.supervisor.proxy import INPROC_BUS, Proxy, ProxyError, ProxySettings
-from cnisup.supervisor.slot import DOWN, Slot, State, SystemClock, Wiring
+from cnisup.supervisor.slot import DOWN, QUIET, Slot, SystemClock, Wiring
 from cnisup.supervisor.spawn import Child, spawn
 from cnisup.workers.base import rss_bytes
 from cnisup.workers.bus import Bus
@@ -136,7 +136,8 @@ class Supervisor:
     def _spawn(self, worker: WorkerInfo, incarnation: str) -> Child:
         return spawn(WorkerSpec(
             name=worker.name, incarnation=incarnation, supervisor_pid=os.getpid(),
-            bus_endpoint=self.cfg.bus_endpoint, identity=None if worker.privileged else self.identity,
+            bus_endpoint=self.cfg.privileged_bus_endpoint if worker.privileged else self.cfg.bus_endpoint,
+            identity=None if worker.privileged else self.identity,
             config=self.cfg.to_dict()))
 
     # -- running ----------------------------------------------------------------
@@ -170,7 +171,8 @@ class Supervisor:
         gid = self.identity.gid if os.geteuid() == 0 else None
         curve = self.cfg.publish.curve
         self.proxy = Proxy(ProxySettings(
-            bus_endpoint=self.cfg.bus_endpoint, public_endpoints=self.cfg.publish.endpoints,
+            bus_endpoint=self.cfg.bus_endpoint, privileged_bus_endpoint=self.cfg.privileged_bus_endpoint,
+            public_endpoints=self.cfg.publish.endpoints,
             hwm=self.cfg.publish.hwm, worker_gid=gid,
             worker_uid=self.identity.uid if os.geteuid() == 0 else None,
             curve_secret_file=curve.server_secret_key_file,
@@ -276,7 +278,7 @@ class Supervisor:
         keep systemd waiting: which families lag is in ``degraded``."""
         if self.announced_ready:
             return
-        active = [s for s in self.slots.values() if s.state is not State.DISABLED and s.state not in DOWN]
+        active = [s for s in self.slots.values() if s.state not in QUIET and s.state not in DOWN]
         lagging = [s.family.name for s in active if not s.ready]
         if lagging and not deadline_passed:
             return
@@ -315,13 +317,14 @@ class Supervisor:
         self.cfg = new
         logging.getLogger().setLevel(new.log_level.upper())
         # Only the workers that read a changed key restart: the others never go blind.
-        reasons = {name: slot.reload_reason(applied) for name, slot in self.slots.items()}
-        restarted = {name: why for name, why in reasons.items() if why is not None}
+        restarted: dict[str, str] = {}
+        for name, slot in self.slots.items():
+            why = slot.reload_reason(applied)
+            if slot.reconfigure(new, why) and why is not None:
+                restarted[name] = why
         self.publish(K.CONFIG_RELOADED, {"changed": applied, "ignored": ignored, "restarted": restarted})
         log.info("configuration reloaded; changed: %s; restarted: %s", ", ".join(applied) or "nothing",
                  ", ".join(f"{n} ({why})" for n, why in restarted.items()) or "nothing")
-        for name, slot in self.slots.items():
-            slot.reconfigure(new, reasons[name])
 
     def _begin_stop(self, why: str) -> None:
         if self.stopping:

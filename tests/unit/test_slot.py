@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,7 @@ class World:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.procs: list[FakeProcess] = []
         self.primary_ok, self.enabled = primary_ok, enabled
+        self.idle = False
         self.spawn_error: OSError | None = None
         self.slot = Slot(KERNEL, self.cfg, Wiring(spawn=self.spawn, publish=self.publish, choose=self.choose,
                                                   clock=self.clock))
@@ -96,6 +98,8 @@ class World:
     def choose(self, family: Family) -> Choice:
         if not self.enabled:
             return Choice(family.name, False, None, "monitors.kernel: false", {})
+        if self.idle:
+            return Choice(family.name, True, None, "nothing to watch", {}, idle=True)
         if self.primary_ok:
             return Choice(family.name, True, family.primary, "BPF ok", {})
         return Choice(family.name, True, family.fallback, "ebpf unavailable: no BTF", {})
@@ -267,7 +271,7 @@ def test_reload_restarts_the_same_worker_when_a_key_it_reads_changed() -> None:
     new = Config.from_dict({"fallback": {"process_poll_interval": 1.0}})
     reason = w.slot.reload_reason(["fallback.process_poll_interval"])
     assert reason == "fallback.process_poll_interval changed"
-    w.slot.reconfigure(new, reason)
+    assert w.slot.reconfigure(new, reason) is True
     assert w.state() is State.STOPPING and w.proc.signals == [signal.SIGTERM]
     w.exit(0)
     assert K.WORKER_SWITCHED not in w.kinds()  # the same worker: not a switch
@@ -285,7 +289,7 @@ def test_reload_that_changes_nothing_the_worker_reads_leaves_it_running() -> Non
                "workers.heartbeat_timeout"]
     assert w.slot.reload_reason(changed) is None
     new = Config.from_dict({"restart": {"max_delay": 1.0}})
-    w.slot.reconfigure(new, None)
+    assert w.slot.reconfigure(new, None) is False
     assert w.state() is State.RUNNING and w.proc.signals == [] and len(w.procs) == 1 and w.events == before
     assert w.slot.cfg is new  # the supervisor's side (the restart policy) applies at once
     w.exit(70)
@@ -418,3 +422,22 @@ def test_a_worker_that_cannot_be_executed_is_retried_later() -> None:
     w.spawn_error = None
     w.advance(w.cfg.restart.max_delay + 0.01)
     assert w.state() is State.STARTING
+
+
+def test_nothing_to_watch_idles_quietly_and_looks_again(caplog: pytest.LogCaptureFixture) -> None:
+    w = World()
+    w.idle = True
+    with caplog.at_level(logging.INFO, logger="cnisup.supervisor"):
+        w.slot.start()
+        assert w.state() is State.IDLE and w.procs == [] and w.events == []
+        assert w.slot.next_deadline() == pytest.approx(w.clock.now + 300, abs=0.01)
+        w.advance(300.01)
+        assert w.state() is State.IDLE and w.procs == []
+        reason = w.slot.reload_reason([])  # a reload looks again at once, and starts nothing if nothing is there
+        assert reason == "retried on reload (was idle)" and w.slot.reconfigure(w.cfg, reason) is False
+        assert w.state() is State.IDLE
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said == [(logging.INFO, "monitor family kernel is idle: nothing to watch; looking again every 300 s")]
+    w.idle = False
+    w.advance(300.01)
+    assert w.state() is State.STARTING and w.slot.worker is PRIMARY

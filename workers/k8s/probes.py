@@ -16,7 +16,7 @@ from typing import Any
 
 from cnisup.protocol.settings import Config
 from cnisup.workers import privileges
-from cnisup.workers.errors import CapabilityMissing
+from cnisup.workers.errors import CapabilityMissing, NoClusterConfig
 from cnisup.workers.k8s import events
 from cnisup.workers.probe import Probe
 
@@ -24,8 +24,8 @@ from cnisup.workers.probe import Probe
 KUBECTL_VERSION_TIMEOUT_S = 5.0
 
 
-def _access(cfg: Config, details: dict[str, Any]) -> str | None:
-    """Where the k8s workers' client configuration comes from; the reason if nowhere."""
+def _access(cfg: Config, details: dict[str, Any]) -> CapabilityMissing | None:
+    """Where the k8s workers' client configuration comes from; why not, if nowhere."""
     details["pod_scope"] = cfg.kubernetes.pod_scope
     details["in_cluster_env"] = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     # As the worker looks: with the environment spawn passes and the workers user's home.
@@ -36,7 +36,7 @@ def _access(cfg: Config, details: dict[str, Any]) -> str | None:
     try:
         access = events.locate(cfg.kubernetes.kubeconfig, env)
     except CapabilityMissing as exc:
-        return str(exc)
+        return exc
     details["client_config"] = {"mode": access.mode, "path": access.path, "from": access.origin}
     if access.mode == "kubeconfig" and os.geteuid() == 0 and not os.stat(access.path).st_mode & 0o004:
         details["warning"] = f"{access.path} is not world-readable: the workers user may not read it"
@@ -49,7 +49,7 @@ def informer(cfg: Config) -> Probe:
         return Probe(False, "the kubernetes Python client is not installed (python3-kubernetes)", details)
     missing = _access(cfg, details)
     if missing:
-        return Probe(False, missing, details)
+        return Probe(False, str(missing), details, idle=isinstance(missing, NoClusterConfig))
     return Probe(True, f"kubernetes client; config from {details['client_config']['from']}", details)
 
 
@@ -67,6 +67,6 @@ def kubectl(cfg: Config) -> Probe:
         details["version_error"] = str(exc)
     missing = _access(cfg, details)
     if missing:
-        return Probe(False, missing, details)
+        return Probe(False, str(missing), details, idle=isinstance(missing, NoClusterConfig))
     return Probe(True, f"kubectl {details.get('version', '?')}; config from {details['client_config']['from']}",
                  details)
