@@ -14,6 +14,7 @@ APT_PACKAGES=(
   containernetworking-plugins iproute2 strace procps
   linux-headers-amd64
   python3-matplotlib
+  debootstrap systemd-container  # tests/packaging/test_nspawn.py: the unit under a real systemd
 )
 
 need_apt=()
