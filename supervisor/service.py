@@ -96,10 +96,13 @@ def _setpriv(unit: Unit) -> list[str]:
         cmd.append(f"--bounding-set=-all{caps}")
     if unit.no_new_privs:
         cmd.append("--no-new-privs")
-    if unit.user and _exists(pwd.getpwnam, unit.user):
+    user = unit.user and _exists(pwd.getpwnam, unit.user)
+    if user:
         cmd += [f"--reuid={unit.user}", "--init-groups"]
     if unit.group and _exists(grp.getgrnam, unit.group):  # the package creates it; a bare checkout may not
         cmd.append(f"--regid={unit.group}")
+        if not user:
+            cmd.append("--clear-groups")  # systemd gives a root service no supplementary groups
     return cmd
 
 
