@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,16 @@ def test_curve_endpoint_lets_authorized_subscribers_in(base: Path) -> None:
     run("keygen", str(keys), "--name", "server")
     run("keygen", str(keys / "clients"), "--name", "alice")
     run("keygen", str(base / "stranger"), "--name", "mallory")
-    c = Cnisup(base, publish={"endpoints": ["tcp://127.0.0.1:45992"], "curve": {
+    with socket.socket() as s:  # a free port: other test runs on this machine may use any fixed one
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    c = Cnisup(base, publish={"endpoints": [endpoint], "curve": {
         "server_secret_key_file": str(keys / "server.key_secret"),
         "authorized_keys_dir": str(keys / "clients")}})
     c.start()
     try:
         c.wait_worker(worker="inotify", state="running")
-        args = ["tail", "--endpoint", "tcp://127.0.0.1:45992", "--json", "--count", "1", "--timeout", "3",
+        args = ["tail", "--endpoint", endpoint, "--json", "--count", "1", "--timeout", "3",
                 "--curve-server-key", str(keys / "server.key")]
         alice = subprocess.Popen([CNISUP, *args, "--curve-key", str(keys / "clients" / "alice.key_secret")],
                                  stdout=subprocess.PIPE, text=True)

@@ -4,7 +4,8 @@ system booted with ``systemd-nspawn -b``.
 The rootfs comes from ``debootstrap`` (minbase, systemd, and the package's
 dependencies, so installing the .deb needs no network) and is cached under
 ``/var/cache/cnisup-test/`` keyed by that package list: built once per
-machine, then only booted, on an overlay so that it stays clean. nspawn runs
+machine (in the background from the start of the session, see
+``prebuild``), then only booted, on an overlay so that it stays clean. nspawn runs
 with ``--capability=all`` and ``SYSTEMD_SECCOMP=0`` (its own seccomp filter
 refuses ``bpf()``), with tracefs, ``/lib/modules`` and ``/usr/src`` (kernel
 headers) bound in. Inside: install, every family's state, ``journalctl -p
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,8 +116,9 @@ def phases() -> Iterator[Phases]:
     p.save()
 
 
-def rootfs(phases: Phases) -> Path:
-    """The cached Debian rootfs, built (once, under a lock, atomically) if missing."""
+def _build_rootfs() -> tuple[Path, float | None, str | None]:
+    """The cached Debian rootfs, built (once, under a lock, atomically) if missing:
+    (its path, the seconds the build took or None when it was there, why it could not be built)."""
     packages = sorted({*BOOT_PACKAGES, *_control_depends()})
     mirror = _mirror()
     key = hashlib.sha256(json.dumps([SUITE, packages]).encode()).hexdigest()[:12]
@@ -124,19 +127,48 @@ def rootfs(phases: Phases) -> Path:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run on this machine may be building it
         if (target / "usr" / "bin" / "systemctl").exists():
-            return target
-        with phases("debootstrap"):
-            tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=CACHE))
-            debs = CACHE / "debs"  # downloaded packages, kept for the next build
-            debs.mkdir(exist_ok=True)
-            out = subprocess.run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
-                                  f"--include={','.join(packages)}", SUITE, str(tmp), mirror],
-                                 capture_output=True, text=True, timeout=1200, check=False)
-            if out.returncode != 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                pytest.skip(f"debootstrap from {mirror} failed: {out.stderr.strip()[-500:]}")
-            tmp.chmod(0o755)
-            tmp.rename(target)
+            return target, None, None
+        for stale in CACHE.glob("rootfs-*.*"):  # an interrupted build's (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        start = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=CACHE))
+        debs = CACHE / "debs"  # downloaded packages, kept for the next build
+        debs.mkdir(exist_ok=True)
+        out = subprocess.run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
+                              f"--include={','.join(packages)}", SUITE, str(tmp), mirror],
+                             capture_output=True, text=True, timeout=1200, check=False)
+        if out.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target, time.monotonic() - start, f"debootstrap from {mirror} failed: {out.stderr.strip()[-500:]}"
+        tmp.chmod(0o755)
+        tmp.rename(target)
+        return target, time.monotonic() - start, None
+
+
+#: A build started when the session was collected: its thread, then its result.
+_PREBUILD: dict[str, Any] = {}
+
+
+def prebuild() -> None:
+    """Build the rootfs in the background while the tests before this one run
+    (tests/packaging/conftest.py calls this once the session knows it runs here):
+    a cold cache then costs this test little more than a warm one."""
+    if _SKIP is None and "thread" not in _PREBUILD:
+        thread = threading.Thread(target=lambda: _PREBUILD.update(result=_build_rootfs()), daemon=True,
+                                  name="cnisup-nspawn-rootfs")
+        _PREBUILD["thread"] = thread
+        thread.start()
+
+
+def rootfs(phases: Phases) -> Path:
+    if (thread := _PREBUILD.get("thread")) is not None:
+        with phases("waiting for the rootfs built in the background"):
+            thread.join()
+    target, seconds, error = _PREBUILD.get("result") or _build_rootfs()
+    if seconds is not None:
+        phases.seconds["debootstrap"] = round(seconds, 1)
+    if error is not None:
+        pytest.skip(error)
     return target
 
 
