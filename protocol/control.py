@@ -9,10 +9,15 @@ from typing import Any
 
 import zmq
 
+from cnisup.protocol import reach
+
 
 def request(endpoint: str, cmd: str, *, timeout_ms: int = 3000, **fields: Any) -> dict[str, Any]:
     """Send ``{"cmd": cmd, **fields}``; the reply (``{"ok": true, ...}`` or
-    ``{"ok": false, "error": ...}``). ``TimeoutError`` without an answer."""
+    ``{"ok": false, "error": ...}``). ``ConnectionError`` when the socket cannot
+    be reached at all (missing, no permission), ``TimeoutError`` when nobody answers."""
+    if (exc := reach.unreachable(endpoint)) is not None:
+        raise ConnectionError(f"{reach.describe(endpoint, exc)} (is cnisup start running with this config?)")
     ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .untrusted import UntrustedInputError, load_json
+
 #: Envelope version. A breaking change to the envelope or to an existing
 #: kind's fields bumps it; adding kinds or optional fields does not.
 VERSION = 1
@@ -27,6 +29,10 @@ _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 ENVELOPE_FIELDS = ("v", "id", "kind", "source", "node", "ts", "incarnation", "seq", "data")
 #: Optional fields (a consumer must not require them): ``kseq`` counts per kind.
 OPTIONAL_FIELDS = ("kseq",)
+#: Bounds a subscriber applies to a payload: far above any event cnisup sends
+#: (a kernel event with captured output is under 200 KiB, nested under 10 deep).
+MAX_PAYLOAD = 16 << 20
+MAX_PAYLOAD_DEPTH = 64
 
 
 class ProtocolError(ValueError):
@@ -91,8 +97,8 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
         raise ProtocolError(f"expected 2 frames, got {len(frames)}")
     try:
         topic = frames[0].decode()
-        env = json.loads(frames[1].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        env = load_json(frames[1], what="payload", max_bytes=MAX_PAYLOAD, max_depth=MAX_PAYLOAD_DEPTH)
+    except (UnicodeDecodeError, UntrustedInputError) as exc:
         raise ProtocolError(f"undecodable message: {exc}") from exc
     if not isinstance(env, dict):
         raise ProtocolError("payload is not a JSON object")

@@ -200,8 +200,10 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
             ["incarnation", "source", "seq", "kseq"],
             {"incarnation": S, "source": S, "seq": INT, "kseq": {"type": "object", "additionalProperties": INT},
              "ended": B})}})),
-    SupervisorKind.CONFIG_RELOADED: ("SIGHUP: the configuration was re-read", obj(
-        ["changed", "ignored"], {"changed": STRS, "ignored": STRS})),
+    SupervisorKind.CONFIG_RELOADED: ("SIGHUP: the configuration was re-read; only the workers that read a "
+                                     "changed key were restarted", obj(
+        ["changed", "ignored"], {"changed": STRS, "ignored": STRS,
+                                 "restarted": {"type": "object", "additionalProperties": S}})),
     SupervisorKind.CONFIG_RELOAD_FAILED: ("SIGHUP: the new file is invalid; nothing changed", obj(
         ["key", "error"], {"key": S, "error": S})),
     JournalKind.LOSS: ("events the journal never received (seq holes) or could not keep (a full disk)", obj(

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from .untrusted import MAX_ERROR, one_line
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRESETS = ("development", "production")
 POD_SCOPES = ("node", "cluster")
@@ -36,6 +38,9 @@ class ConfigError(Exception):
     """A configuration problem, naming the key (``cni.conf_dirs[1]``)."""
 
     def __init__(self, key: str, message: str) -> None:
+        # Keys and values come from the input: the whole error is one bounded line.
+        key = one_line(key, 120)
+        message = one_line(message, MAX_ERROR - len(key) - 2 if key else MAX_ERROR)
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
@@ -324,13 +329,19 @@ class Config:
 
     @property
     def bus_endpoint(self) -> str:
-        """The private XSUB socket workers publish to."""
+        """The private XSUB socket workers publish to (owned by the workers' user)."""
         return f"ipc://{self.runtime_dir}/private/bus.sock"
 
     @property
     def consumer_endpoint(self) -> str:
         """The private XPUB the journal subscribes to (every event, as subscribers see it)."""
         return f"ipc://{self.runtime_dir}/private/events.sock"
+
+    @property
+    def privileged_bus_endpoint(self) -> str:
+        """The same XSUB's socket for workers that keep the supervisor's uid: owned
+        by it, so they reach it without CAP_DAC_OVERRIDE (which the unit does not grant)."""
+        return f"ipc://{self.runtime_dir}/private/bus-root.sock"
 
     @property
     def lock_path(self) -> str:

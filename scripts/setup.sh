@@ -15,6 +15,7 @@ APT_PACKAGES=(
   openssl
   linux-headers-amd64
   python3-matplotlib
+  debootstrap systemd-container  # tests/packaging/test_nspawn.py: the unit under a real systemd
 )
 
 need_apt=()

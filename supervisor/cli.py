@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -15,18 +14,23 @@ import click
 import yaml
 import zmq
 
-from cnisup.protocol import envelope, exitcodes
+from cnisup.protocol import envelope, exitcodes, reach
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import STARTED, CurveClient, Gap, Subscriber
-from cnisup.supervisor import __version__, answers, config, control, probes, render
+from cnisup.supervisor import __version__, answers, config, control, probes, render, service
 from cnisup.supervisor.history import Filters, Match, Stitch
+from cnisup.workers import logs
 
 EX_START_FAILED = 1
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+# Plain strings, checked by config.load like every other configuration input
+# (a bad value is one line and exit 78, as for the file).
+config_option = click.option("--config", "config_path", metavar="FILE",
                              help="YAML configuration file (see config_example.yaml).")
-preset_option = click.option("--preset", type=click.Choice(config.PRESETS),
+preset_option = click.option("--preset", metavar="|".join(config.PRESETS),
                              help="Preset under the file's keys (overrides the file's 'preset').")
+log_level_option = click.option("--log-level", metavar="|".join(config.LOG_LEVELS),
+                                help="Overrides log_level and $LOG_LEVEL.")
 
 
 def _load(config_path: str | None, preset: str | None = None, log_level: str | None = None) -> config.Config:
@@ -46,12 +50,11 @@ def main() -> None:
 @main.command()
 @config_option
 @preset_option
-@click.option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False))
+@log_level_option
 def start(config_path: str | None, preset: str | None, log_level: str | None) -> None:
     """Run the supervisor in the foreground until SIGTERM/SIGINT (SIGHUP reloads)."""
     cfg = _load(config_path, preset, log_level)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(cfg.log_level, "%(name)s")
     # Here, not at the top: the commands that only read (history, explain) start faster without it.
     from cnisup.supervisor.supervisor import StartError, Supervisor
 
@@ -60,7 +63,7 @@ def start(config_path: str | None, preset: str | None, log_level: str | None) ->
         code = sup.run()
     except StartError as exc:
         click.echo(f"cnisup: {exc}", err=True)
-        sys.exit(EX_START_FAILED)
+        sys.exit(exc.code)
     sys.exit(code)
 
 
@@ -74,20 +77,38 @@ def check(config_path: str | None, preset: str | None, as_json: bool) -> None:
     report = probes.check(cfg)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        if down := probes.unrunnable(report):
+            click.echo(f"cnisup check: no worker can run for: {', '.join(down)}", err=True)
+            sys.exit(EX_START_FAILED)
         return
     ident = report["workers_identity"]
     click.echo(f"node: {report['node']}   running as uid {report['euid']}")
     click.echo(f"unprivileged workers run as {ident['user']} (uid {ident['uid']}, gid {ident['gid']})"
                + (f" - {ident['note']}" if ident["note"] else ""))
     click.echo(f"events: {', '.join(report['publish'])}   control: {report['control']}")
-    for fam in report["families"]:
-        state = fam["worker"] or "none"
+    _echo_families(report["families"], details=True)
+    if (unit := report["service"]) is not None:
+        caps = "not limited" if unit["capabilities"] is None else " ".join(unit["capabilities"]) or "none"
+        click.echo(f"\nas {service.UNIT} will run ({unit['unit']}{''.join(', ' + d for d in unit['dropins'])}): "
+                   f"user {unit['user']}, NoNewPrivileges={'yes' if unit['no_new_privs'] else 'no'}, "
+                   f"capabilities {caps}")
+        if "error" in unit:
+            click.echo(f"  {unit['error']}")
+        _echo_families(unit.get("families", []), details=False)
+    if down := probes.unrunnable(report):
+        click.echo(f"\ncnisup check: no worker can run for: {', '.join(down)}", err=True)
+        sys.exit(EX_START_FAILED)
+
+
+def _echo_families(families: list[dict[str, Any]], *, details: bool) -> None:
+    for fam in families:
+        state = fam["worker"] or ("idle" if fam.get("idle") else "none")
         click.echo(f"\n[{fam['family']}] -> {state}: {fam['reason']}")
         for name, p in {**fam["probes"], **fam["audits"]}.items():
             mark = "ok  " if p["ok"] else "FAIL"
             click.echo(f"  {mark} {name}: {p['reason']}")
             for key, value in p.items():
-                if key in ("ok", "reason"):
+                if not details or key in ("ok", "reason"):
                     continue
                 for item in value if isinstance(value, list) else [value]:  # a list: one line each
                     click.echo(f"       {key}: {item}")
@@ -107,8 +128,8 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
     cfg = _load(config_path, preset)
     try:
         reply = control.request(cfg.control.endpoint, "status", timeout_ms=int(timeout * 1000))
-    except TimeoutError as exc:
-        click.echo(f"cnisup: {exc}", err=True)
+    except (TimeoutError, ConnectionError) as exc:
+        click.echo(f"cnisup status: {exc}", err=True)
         sys.exit(EX_START_FAILED)
     if as_json:
         click.echo(json.dumps(reply, indent=2))
@@ -126,7 +147,7 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
             click.echo(f"{'':8} fallback because: {w['fallback_reason']}")
         if w.get("last_exit"):
             click.echo(f"{'':8} last exit: {w['last_exit']['reason']}")
-        if w["state"] in ("unavailable", "disabled", "failed") and w.get("reason"):
+        if w["state"] in ("unavailable", "idle", "disabled", "failed") and w.get("reason"):
             click.echo(f"{'':8} {w['reason']}")
 
 
@@ -142,6 +163,7 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
 @click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
 @click.option("--since", type=answers.TIME, help="Replay from the journal from this time, then go on live "
                                                  "(no gap, no duplicate).")
+@click.option("--wait", is_flag=True, help="Wait for an endpoint that does not exist yet (cnisup not started).")
 @click.option("--count", type=int, default=0, help="Exit after this many events (0: never).")
 @click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds without events (0: never).")
 @click.option("--curve-server-key", type=click.Path(exists=True, dir_okay=False),
@@ -150,7 +172,7 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
               help="This subscriber's secret certificate (CURVE endpoints).")
 def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...], topics: tuple[str, ...],
          kinds: tuple[str, ...], pod: tuple[str, str] | None, namespace: str | None, container: str | None,
-         failed: bool, output: str, as_json: bool, since: int | None, count: int, timeout: float,
+         failed: bool, output: str, as_json: bool, since: int | None, wait: bool, count: int, timeout: float,
          curve_server_key: str | None, curve_key: str | None) -> None:
     """Subscribe and print events; reports every loss (sequence gaps, and what
     supervisor.progress says was published but never arrived)."""
@@ -158,6 +180,7 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
     eps = list(endpoints) or (cfg.publish.endpoints if cfg else [])
     filters = Filters(kinds=kinds, pod=pod, namespace=namespace, container=container, failed=failed)
     out = _Printer("json" if as_json else output)
+    _reachable_or_exit(eps, wait=wait)
     with Subscriber(eps, topics=list(topics), curve=_curve_client(curve_server_key, curve_key)) as sub:
         follow = _Follow(sub, out, cfg.control.endpoint if cfg else None, Match(filters))
         if since is not None:
@@ -170,6 +193,23 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
             follow.run(count=count, timeout_s=timeout)
         except KeyboardInterrupt:
             pass
+    if timeout and not out.seen:
+        click.echo(f"cnisup tail: no event from {', '.join(eps)} within {timeout:g} s", err=True)
+        sys.exit(EX_START_FAILED)
+
+
+def _reachable_or_exit(endpoints: list[str], *, wait: bool) -> None:
+    """ZeroMQ would wait silently for a socket that is not there or not ours: say so
+    (a socket not there yet is waited for with --wait; one we may not open never)."""
+    while True:
+        problems = [(ep, exc) for ep in endpoints if (exc := reach.unreachable(ep)) is not None]
+        if not problems:
+            return
+        ep, exc = problems[0]
+        if not wait or not isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+            click.echo(f"cnisup tail: {reach.describe(ep, exc)}", err=True)
+            sys.exit(EX_START_FAILED)
+        time.sleep(0.1)
 
 
 class _Follow:
@@ -191,7 +231,7 @@ class _Follow:
         time.sleep(0.2)  # our subscription reaches the proxy first
         try:
             reply = control.request(self.control, "progress", timeout_ms=1000)
-        except (TimeoutError, zmq.ZMQError, ValueError):
+        except (TimeoutError, ConnectionError, zmq.ZMQError, ValueError):
             return  # no supervisor yet: its first events will be replayed on sight
         if not (reply.get("ok") and isinstance(reply.get("incarnations"), list)):
             return
@@ -255,7 +295,7 @@ class _Follow:
         try:
             reply = control.request(self.control, "replay", timeout_ms=1000, incarnation=incarnation,
                                     from_seq=first, to_seq=min(last, first + 999))
-        except (TimeoutError, zmq.ZMQError, ValueError):
+        except (TimeoutError, ConnectionError, zmq.ZMQError, ValueError):
             return False
         texts = reply.get("envelopes") if reply.get("ok") else None
         if not isinstance(texts, list):
@@ -321,7 +361,7 @@ def config_group() -> None:
 @config_group.command("show")
 @config_option
 @preset_option
-@click.option("--log-level", type=click.Choice(config.LOG_LEVELS, case_sensitive=False))
+@log_level_option
 def config_show(config_path: str | None, preset: str | None, log_level: str | None) -> None:
     """The effective configuration: defaults < preset < file < environment < flags."""
     cfg = _load(config_path, preset, log_level)
@@ -331,9 +371,14 @@ def config_show(config_path: str | None, preset: str | None, log_level: str | No
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="cnisup", show_default=True, help="Base name of the certificate files.")
-def keygen(directory: str, name: str) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing key pair of that name.")
+def keygen(directory: str, name: str, force: bool) -> None:
     """Create a CURVE key pair (NAME.key public, NAME.key_secret secret) in DIRECTORY."""
     import zmq.auth
+    existing = [p for p in (Path(directory) / f"{name}.key", Path(directory) / f"{name}.key_secret") if p.exists()]
+    if existing and not force:
+        click.echo(f"cnisup keygen: {existing[0]} exists; not overwriting it (--force replaces the pair)", err=True)
+        sys.exit(EX_START_FAILED)
     Path(directory).mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     Path(secret).chmod(0o600)

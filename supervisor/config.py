@@ -4,12 +4,19 @@ then CLI flags, merged into one mapping and built into the typed contract
 
 What the contract cannot check without touching the host (CURVE key files)
 is checked here, once, in the supervisor.
+
+Every input is untrusted: the file is read only up to ``MAX_CONFIG_BYTES``,
+must be UTF-8 (the offset of the first bad byte is reported), and is parsed
+without anchors or aliases (an alias expands without bound: the "billion
+laughs") and at most ``MAX_CONFIG_DEPTH`` levels deep (the YAML composer
+recurses). Whatever goes wrong is a ``ConfigError``: one bounded line.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,15 @@ from typing import Any
 import yaml
 
 from cnisup.protocol.settings import LOG_LEVELS, PRESETS, Config, ConfigError, field_docs
+from cnisup.protocol.untrusted import undecodable_at
+
+#: Bytes of a configuration file; every key with its comment is about 7 KiB. (What parsing
+#: the most expensive 64 KiB costs: ``make bench``, start-up rows.)
+MAX_CONFIG_BYTES = 64 << 10
+#: Nesting of a configuration file: its sections are two levels deep, their lists three.
+MAX_CONFIG_DEPTH = 16
+#: Bytes of an environment override ($NODE_NAME, $LOG_LEVEL; $KUBECONFIG is a list of paths).
+MAX_ENV_BYTES = {"NODE_NAME": 256, "LOG_LEVEL": 16, "KUBECONFIG": 4096}
 
 __all__ = ["LOG_LEVELS", "PRESETS", "Config", "ConfigError", "field_docs", "load", "preset_values", "read_file"]
 
@@ -30,9 +46,12 @@ def preset_values(name: str) -> dict[str, Any]:
     """What a preset sets; a file's explicit keys override these."""
     if name == "production":
         # Idle costs nothing: a worker says it is alive every minute when idle (at
-        # once when it has news), so a hung one is noticed within 5 minutes.
+        # once when it has news), so a hung one is noticed within 5 minutes. Plugins
+        # are where the runtime is told to find them: /opt/cni/bin (upstream's
+        # default) or /usr/lib/cni (Debian's containernetworking-plugins).
         return {"log_level": "info", "runtime_dir": "/run/cnisup",
-                "workers": {"heartbeat_interval": 120.0, "heartbeat_timeout": 300.0}}
+                "workers": {"heartbeat_interval": 120.0, "heartbeat_timeout": 300.0},
+                "cni": {"bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"]}}
     return {  # development: runs as any user, reacts fast, talks a lot
         "log_level": "debug",
         "runtime_dir": _dev_runtime_dir(),
@@ -51,21 +70,74 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+#: libyaml where PyYAML has it (Debian's does): the pure-Python parser takes seconds for 100 KiB.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def _refuse(name: str, mark: Any, problem: str) -> ConfigError:
+    return ConfigError("", f"{name}: invalid YAML at line {mark.line + 1} column {mark.column + 1}: {problem}")
+
+
+def _check_events(text: str, name: str) -> None:
+    """Refuse anchors, aliases and deep nesting from the event stream (libyaml's
+    parser does not recurse; its composer does), before anything is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _refuse(name, event.start_mark, "anchors and aliases (& and *) are not allowed")
+        if isinstance(event, _OPEN):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise _refuse(name, event.start_mark, f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+        elif isinstance(event, _CLOSE):
+            depth -= 1
+
+
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """At most MAX_CONFIG_BYTES + 1 bytes of a regular file (a FIFO or a device never blocks us)."""
     try:
-        text = Path(path).read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError("", f"config file {os.fsdecode(path)} is not a regular file")
+            return f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
+        raise ConfigError("", f"cannot read config file {os.fsdecode(path)}: {exc.strerror}") from exc
+
+
+def parse_yaml(data: bytes, name: str) -> Any:
+    """The YAML document in ``data``; ``ConfigError`` naming ``name`` and the position."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"{name}: larger than {MAX_CONFIG_BYTES} bytes")
+    if (at := undecodable_at(data)) is not None:
+        raise ConfigError("", f"{name}: not UTF-8 at byte {at}")
+    text = data.decode("utf-8")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1} column {where.column + 1}" if where else ""
-        raise ConfigError("", f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        _check_events(text, name)
+        return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader: plain data only
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as exc:
+        where = exc.problem_mark or exc.context_mark
+        at_ = f" at line {where.line + 1} column {where.column + 1}" if where else ""
+        raise ConfigError("", f"{name}: invalid YAML{at_}: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character or "\0")
+        raise ConfigError("", f"{name}: invalid YAML: character U+{code:04X} at character {exc.position} "
+                              "is not allowed") from None
+    except Exception as exc:  # a value the constructor rejects (a 5,000-digit int, 2024-13-45)
+        raise ConfigError("", f"{name}: invalid YAML: {type(exc).__name__}: {exc}") from None
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    name = os.fsdecode(path)
+    raw = parse_yaml(_read_bytes(path), name)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError("", f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+        raise ConfigError("", f"{name}: the top level must be a mapping, got {type(raw).__name__}")
     return raw
 
 
@@ -93,6 +165,28 @@ def _check_host(cfg: Config) -> None:
                               "must name a directory of subscriber public certificates")
 
 
+def _env(env: typing.Mapping[str, str], name: str) -> str | None:
+    """An environment override, checked like the file: UTF-8 and bounded."""
+    value = env.get(name)
+    if not value:
+        return None
+    try:
+        raw = os.fsencode(value)  # the bytes as they came (undecodable ones survive as escapes)
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"${name}", f"not UTF-8 at character {exc.start}") from None
+    if (at := undecodable_at(raw)) is not None:
+        raise ConfigError(f"${name}", f"not UTF-8 at byte {at}")
+    if len(raw) > MAX_ENV_BYTES[name]:
+        raise ConfigError(f"${name}", f"{len(raw)} bytes (at most {MAX_ENV_BYTES[name]})")
+    return value
+
+
+def _level(source: str, value: str) -> str:
+    if value.lower() not in LOG_LEVELS:
+        raise ConfigError(source, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -110,14 +204,15 @@ def load(
     defaults = Config().to_dict()
     merged = _merge(defaults, _merge(preset_values(name), file_values))
     merged["preset"] = name
-    if env.get("LOG_LEVEL"):
-        merged["log_level"] = env["LOG_LEVEL"]
-    if env.get("NODE_NAME"):
-        merged["node_name"] = env["NODE_NAME"]
+    if (level := _env(env, "LOG_LEVEL")) is not None:
+        merged["log_level"] = _level("$LOG_LEVEL", level)
+    if (node := _env(env, "NODE_NAME")) is not None:
+        merged["node_name"] = node
     # $KUBECONFIG is not copied into kubernetes.kubeconfig: the k8s workers try
     # the key, then in-cluster config, then $KUBECONFIG, then ~/.kube/config.
+    _env(env, "KUBECONFIG")
     if log_level:
-        merged["log_level"] = log_level
+        merged["log_level"] = _level("--log-level", log_level)
     runtime_dir = merged.get("runtime_dir")
     _expand(merged, runtime_dir if isinstance(runtime_dir, str) else "", env)
     cfg = Config.from_dict(merged)

@@ -15,10 +15,19 @@ from typing import Any, Protocol
 import zmq
 
 from cnisup.protocol.control import request
+from cnisup.protocol.untrusted import UntrustedInputError, load_json, one_line
 
 __all__ = ["COMMANDS", "handle", "request", "serve_one"]
 
-
+#: Bytes of one request: a command name and a few fields. Anything bigger is refused with a reply.
+MAX_REQUEST = 64 << 10
+#: Bytes of any one frame libzmq accepts at all; a bigger one drops that peer's connection
+#: before it is buffered whole.
+MAX_FRAME = 1 << 20
+#: Nesting of a request: {"cmd": ..., "field": [...]}.
+MAX_REQUEST_DEPTH = 4
+#: Routing frames between the peer's identity and the body (REQ adds one empty delimiter).
+MAX_ROUTING_FRAMES = 4
 #: Events one replay request may ask for.
 MAX_REPLAY = 1000
 
@@ -67,17 +76,29 @@ COMMANDS: dict[str, Callable[[Status, dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+def parse_request(raw: bytes) -> dict[str, Any]:
+    """One request from any member of the socket's group: bounded, checked,
+    never trusted. Raises ``UntrustedInputError`` with a one-line reason."""
+    req = load_json(raw, what="request", max_bytes=MAX_REQUEST, max_depth=MAX_REQUEST_DEPTH)
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        raise UntrustedInputError('expected {"cmd": "<name>"}')
+    if req["cmd"] not in COMMANDS:
+        raise UntrustedInputError(f"unknown command {req['cmd'][:40]!r}; try help")
+    return req
+
+
 def handle(sup: Status, raw: bytes) -> dict[str, Any]:
     try:
-        req = json.loads(raw)
-        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-            raise ValueError('expected {"cmd": "<name>"}')
-        fn = COMMANDS.get(req["cmd"])
-        if fn is None:
-            raise ValueError(f"unknown command {req['cmd']!r}; try help")
-        return {"ok": True, **fn(sup, req)}
-    except (ValueError, json.JSONDecodeError) as exc:
-        return {"ok": False, "error": str(exc)}
+        req = parse_request(raw)
+        return {"ok": True, **COMMANDS[req["cmd"]](sup, req)}
+    except (UntrustedInputError, ValueError) as exc:  # ValueError: a command's own check of its fields
+        return {"ok": False, "error": one_line(str(exc))}
+
+
+def configure(sock: zmq.Socket[Any]) -> None:
+    """Limits of the control ROUTER socket, set before it is bound."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
 
 
 def serve_one(sup: Status, sock: zmq.Socket[Any]) -> None:
@@ -85,5 +106,10 @@ def serve_one(sup: Status, sock: zmq.Socket[Any]) -> None:
     frames = sock.recv_multipart(zmq.NOBLOCK)
     ident, body = frames[0], frames[-1]
     envelope = frames[1:-1]  # REQ adds an empty delimiter; keep what came
-    reply = json.dumps(handle(sup, body), default=str).encode()
-    sock.send_multipart([ident, *envelope, reply], zmq.NOBLOCK)
+    if len(envelope) > MAX_ROUTING_FRAMES:
+        envelope = [b""]
+        reply = {"ok": False, "error": one_line(f"a request of {len(frames) - 1} frames; send one "
+                                                "(REQ adds one empty delimiter)")}
+    else:
+        reply = handle(sup, body)
+    sock.send_multipart([ident, *envelope, json.dumps(reply, default=str).encode()], zmq.NOBLOCK)

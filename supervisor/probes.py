@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnisup.protocol.settings import Config
+from cnisup.supervisor import service
+from cnisup.supervisor.service import UNIT
 from cnisup.workers import privileges
 from cnisup.workers.probe import Probe
 from cnisup.workers.registry import FAMILIES, Family, WorkerInfo
@@ -23,6 +25,8 @@ class Choice:
     worker: WorkerInfo | None
     reason: str
     probes: dict[str, Probe]
+    #: enabled, but nothing to watch on this host (no worker: the slot idles and looks again)
+    idle: bool = False
 
 
 def choose(cfg: Config, family: Family) -> Choice:
@@ -31,13 +35,17 @@ def choose(cfg: Config, family: Family) -> Choice:
     if not cfg.lookup(family.enabled_key):
         return Choice(family.name, False, None, f"{family.enabled_key}: false", probes)
     if family.prefer_key is not None and not cfg.lookup(family.prefer_key):
-        probes[family.fallback.name] = family.fallback.probe()(cfg)
+        only = probes[family.fallback.name] = family.fallback.probe()(cfg)
+        if only.idle:
+            return Choice(family.name, True, None, only.reason, probes, idle=True)
         return Choice(family.name, True, family.fallback,
                       f"{family.prefer_key}: false", probes)
     primary = probes[family.primary.name] = family.primary.probe()(cfg)
-    probes[family.fallback.name] = family.fallback.probe()(cfg)
+    fallback = probes[family.fallback.name] = family.fallback.probe()(cfg)
     if primary.ok:
         return Choice(family.name, True, family.primary, primary.reason, probes)
+    if primary.idle and (fallback.idle or not fallback.ok):
+        return Choice(family.name, True, None, primary.reason, probes, idle=True)
     return Choice(family.name, True, family.fallback,
                   f"{family.primary.name} unavailable: {primary.reason}", probes)
 
@@ -89,23 +97,40 @@ def audits(cfg: Config, family: Family) -> dict[str, Probe]:
     return found
 
 
-def check(cfg: Config) -> dict[str, Any]:
-    """Everything ``cnisup check`` reports."""
-    families = []
+def families(cfg: Config) -> list[dict[str, Any]]:
+    """Per family: which worker would run and why, and whether it can run at all."""
+    out = []
     for fam in FAMILIES.values():
         c = choose(cfg, fam)
         reason = c.reason
         chosen = c.probes.get(c.worker.name) if c.worker else None
         if chosen is not None and not chosen.ok:  # started anyway: it exits 77 and is re-probed later
             reason += f"; {c.worker.name} will not run either: {chosen.reason}"  # type: ignore[union-attr]
-        families.append({
-            "family": fam.name, "enabled": c.enabled, "runnable": chosen is None or chosen.ok,
+        out.append({
+            "family": fam.name, "enabled": c.enabled, "idle": c.idle,
+            "runnable": not c.idle and (chosen is None or chosen.ok),
             "worker": c.worker.name if c.worker else None, "reason": reason,
             "primary": fam.primary.name, "fallback": fam.fallback.name,
             "probes": {n: {"ok": p.ok, "reason": p.reason, **p.details} for n, p in c.probes.items()},
             "audits": {n: {"ok": p.ok, "reason": p.reason, **p.details}
                        for n, p in (audits(cfg, fam) if c.enabled and (chosen is None or chosen.ok) else {}).items()},
         })
+    return out
+
+
+def unrunnable(report: dict[str, Any]) -> list[str]:
+    """Enabled families that can run neither worker, here or under the installed unit."""
+    out = [f"{f['family']} (here)" for f in report["families"] if f["enabled"] and not f["runnable"]
+           and not f["idle"]]
+    service = report.get("service") or {}
+    out += [f"{f['family']} (under {UNIT})" for f in service.get("families", [])
+            if f["enabled"] and not f["runnable"] and not f["idle"]]
+    return out
+
+
+def check(cfg: Config) -> dict[str, Any]:
+    """Everything ``cnisup check`` reports: this host as this process sees it,
+    and (as root, with the unit installed) as cnisup.service will see it."""
     return {"node": cfg.node_name, "euid": os.geteuid(), "workers_identity": worker_identity(cfg),
             "runtime_dir": cfg.runtime_dir, "publish": cfg.publish.endpoints,
-            "control": cfg.control.endpoint, "families": families}
+            "control": cfg.control.endpoint, "families": families(cfg), "service": service.judge(cfg)}

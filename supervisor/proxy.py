@@ -24,6 +24,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from cnisup.supervisor.runtime import Refused, secure_socket
+
 log = logging.getLogger("cnisup.proxy")
 
 INPROC_BUS = "inproc://cnisup-bus"
@@ -46,6 +48,8 @@ class ProxySettings:
     #: private ipc XPUB for the journal (same stream as subscribers see), and its queue
     consumer_endpoint: str | None = None
     consumer_hwm: int = 100_000
+    #: a second endpoint of the same XSUB for the workers that keep our uid (None: none)
+    privileged_bus_endpoint: str | None = None
 
 
 class ProxyError(RuntimeError):
@@ -72,7 +76,7 @@ class Proxy:
         self._thread.start()
         if not self._bound.wait(timeout_s):
             raise ProxyError("the proxy did not bind its sockets in time")
-        if isinstance(self._error, ProxyError | zmq.ZMQError | OSError):  # a socket that cannot be bound
+        if isinstance(self._error, ProxyError | zmq.ZMQError | OSError | Refused):  # a socket that cannot be bound
             raise ProxyError(str(self._error)) from self._error
         if self._error is not None:
             raise self._error  # a bug: with its traceback
@@ -98,19 +102,20 @@ class Proxy:
     def _bind_private(self, xsub: zmq.Socket[Any]) -> None:
         """The workers' side: only the workers' user (and root) may connect."""
         s = self.settings
+        # Its dir (the supervisor made it: ours, 0711) is traversable; the socket's own
+        # mode decides who connects. (Handing the dir to the workers' user would need
+        # CAP_DAC_OVERRIDE to bind in it.)
+        # Two owners, two sockets of one XSUB: the workers' user owns one; workers that
+        # keep our uid (root without CAP_DAC_OVERRIDE under the unit) own the other.
         priv = _ipc_path(s.bus_endpoint)
-        if priv:
-            # Ours, traversable: the socket's own mode decides who connects. (Handing
-            # the dir to the workers' user would need CAP_DAC_OVERRIDE to bind in it.)
-            d = os.path.dirname(priv)
-            os.makedirs(d, mode=0o711, exist_ok=True)
-            os.chmod(d, 0o711)
         xsub.bind(s.bus_endpoint)
-        xsub.bind(INPROC_BUS)
         if priv:
-            os.chmod(priv, 0o600)
-            if s.worker_uid is not None:
-                os.chown(priv, s.worker_uid, -1)
+            secure_socket(priv, 0o600, uid=-1 if s.worker_uid is None else s.worker_uid)
+        if s.privileged_bus_endpoint:
+            xsub.bind(s.privileged_bus_endpoint)
+            if (root_path := _ipc_path(s.privileged_bus_endpoint)) is not None:
+                secure_socket(root_path, 0o600)
+        xsub.bind(INPROC_BUS)
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
 
     def _bind_consumer(self, xpub: zmq.Socket[Any]) -> None:
@@ -151,9 +156,7 @@ class Proxy:
             except zmq.ZMQError as exc:
                 raise ProxyError(f"cannot bind {ep}: {exc}") from exc
             if path:
-                os.chmod(path, 0o660)
-                if s.worker_gid is not None:
-                    os.chown(path, os.geteuid(), s.worker_gid)
+                secure_socket(path, 0o660, gid=-1 if s.worker_gid is None else s.worker_gid)
 
     def _run(self) -> None:
         try:
@@ -213,7 +216,8 @@ class Proxy:
             self._control.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        for ep in [self.settings.bus_endpoint, self.settings.consumer_endpoint or "",
+        for ep in [self.settings.bus_endpoint, self.settings.privileged_bus_endpoint or "",
+                   self.settings.consumer_endpoint or "",
                    *self.settings.public_endpoints]:
             path = _ipc_path(ep)
             if path:

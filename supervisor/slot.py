@@ -41,24 +41,29 @@ class State(enum.StrEnum):
     STOPPING = "stopping"  #: SIGTERM sent; waiting for the exit (then stopped, or the replacement starts)
     FAILED = "failed"  #: configuration error (78): not retried until a reload
     UNAVAILABLE = "unavailable"  #: neither worker can run here; re-probed later
+    IDLE = "idle"  #: nothing to watch here (no cluster configuration); re-probed later
     DISABLED = "disabled"  #: turned off in the configuration (monitors.<family>, journal.enabled)
 
 
 S = State
 _START = frozenset({S.STARTING, S.BACKOFF})  #: a start either runs or fails to exec
 #: Every legal move. A move not listed is a bug, and raises.
+_QUIET = frozenset({S.DISABLED, S.IDLE})  #: a start may find nothing to run
 MOVES: dict[State, frozenset[State]] = {
-    S.STOPPED: _START | {S.DISABLED},
-    S.DISABLED: _START | {S.DISABLED},
+    S.STOPPED: _START | _QUIET,
+    S.DISABLED: _START | _QUIET,
+    S.IDLE: _START | _QUIET,
     S.STARTING: _START | {S.RUNNING, S.STOPPING, S.FAILED, S.UNAVAILABLE},
     S.RUNNING: _START | {S.STOPPING, S.FAILED, S.UNAVAILABLE},
     S.BACKOFF: _START | {S.STOPPED, S.DISABLED},
     S.STOPPING: _START | {S.STOPPED, S.DISABLED},
-    S.FAILED: _START | {S.DISABLED},
-    S.UNAVAILABLE: _START | {S.DISABLED},
+    S.FAILED: _START | _QUIET,
+    S.UNAVAILABLE: _START | _QUIET,
 }
 #: Nothing runs and nothing will without help: ``supervisor.ready`` calls these degraded.
 DOWN = frozenset({S.FAILED, S.UNAVAILABLE})
+#: Nothing runs by design (switched off, or nothing to watch here): not degraded either.
+QUIET = _QUIET
 
 
 #: How the log names a worker ("Using eBPF monitor for the kernel family").
@@ -118,7 +123,7 @@ class _Replacement:
 
     worker: WorkerInfo | None
     reason: str
-    kind: str  #: the event that announces the switch
+    kind: str | None  #: the event that announces the switch (None: the same worker, restarted)
 
 
 class Slot:
@@ -186,6 +191,9 @@ class Slot:
     def start(self) -> None:
         """Probe, choose a worker and start it (or note that the family is off)."""
         choice = self.w.choose(self.family)
+        if choice.idle:
+            self._idle(choice.reason)
+            return
         if not choice.enabled or choice.worker is None:
             self.worker, self.reason = None, choice.reason
             if self.state is not S.DISABLED:
@@ -199,6 +207,15 @@ class Slot:
             self._event(K.WORKER_FALLBACK, **{"from": self.family.primary.name, "to": self.family.fallback.name,
                                               "reason": choice.reason})
         self._spawn(choice.worker, choice.reason)
+
+    def _idle(self, reason: str) -> None:
+        """Nothing to watch here: say so once, at info, and look again later."""
+        self.worker, self.reason = None, reason
+        self.reprobe_at = self.w.clock.monotonic() + self.cfg.restart.reprobe_interval
+        if self.state is not S.IDLE:
+            log.info("monitor family %s is idle: %s; looking again every %g s", self.family.name, reason,
+                     self.cfg.restart.reprobe_interval)
+        self._change(S.IDLE)
 
     def _spawn(self, worker: WorkerInfo, reason: str) -> None:
         now = self.w.clock.monotonic()
@@ -341,7 +358,8 @@ class Slot:
             self.worker, self.reason = None, r.reason
             self._change(S.DISABLED)
             return
-        self._event(r.kind, **{"from": old.name, "to": r.worker.name, "reason": r.reason})
+        if r.kind is not None:
+            self._event(r.kind, **{"from": old.name, "to": r.worker.name, "reason": r.reason})
         if r.worker is self.family.primary:
             self.fallback_reason, self.reprobe_at = None, None
         self._spawn(r.worker, r.reason)
@@ -373,7 +391,7 @@ class Slot:
         elif c is None and not self.stopping:
             if self.restart_at is not None and now >= self.restart_at and self.worker is not None:
                 self._spawn(self.worker, f"restart after {self.last_exit and self.last_exit['reason']}")
-            elif self.reprobe_at is not None and now >= self.reprobe_at and self.state is S.UNAVAILABLE:
+            elif self.reprobe_at is not None and now >= self.reprobe_at and self.state in (S.UNAVAILABLE, S.IDLE):
                 self.reprobe_at = None
                 self.start()
         return self.next_deadline()
@@ -393,7 +411,7 @@ class Slot:
         elif c is None and not self.stopping:
             if self.restart_at is not None:
                 times.append(self.restart_at)
-            elif self.reprobe_at is not None and self.state is S.UNAVAILABLE:
+            elif self.reprobe_at is not None and self.state in (S.UNAVAILABLE, S.IDLE):
                 times.append(self.reprobe_at)
         # A hair past the deadline, so the comparison in ``tick`` holds on a coarse clock.
         return min(times) + 1e-3 if times else None
@@ -415,11 +433,12 @@ class Slot:
         else:
             self.reprobe_at = self.w.clock.monotonic() + self.cfg.restart.reprobe_interval
 
-    def _replace(self, worker: WorkerInfo | None, reason: str, kind: str) -> None:
+    def _replace(self, worker: WorkerInfo | None, reason: str, kind: str | None) -> None:
         """Stop the current process; start ``worker`` once it has exited."""
         assert self.child is not None
         self._replacement = _Replacement(worker, reason, kind)
-        self._terminate()
+        if self.state is not S.STOPPING:  # already on its way out: the new plan is enough
+            self._terminate()
 
     def _terminate(self) -> None:
         assert self.child is not None
@@ -428,18 +447,39 @@ class Slot:
         self.child.signal(signal.SIGTERM)
 
     # -- reload and stop ----------------------------------------------------------------
-    def reconfigure(self, cfg: Config) -> None:
-        """A reload changed the configuration: choose again, and restart the
-        worker with the new settings (or start one, or disable the family)."""
+    def reload_reason(self, changed: list[str]) -> str | None:
+        """Why a reload that changed the keys ``changed`` (re)starts this family's
+        worker; None when it does not (nothing the worker reads changed)."""
+        if self.state in DOWN or self.state is S.IDLE:
+            return f"retried on reload (was {self.state})"  # SIGHUP is the operator's "try again"
+        mine = self.family.affected_by(changed)
+        if not mine:
+            return None
+        more = f" and {len(mine) - 3} more" if len(mine) > 3 else ""
+        return f"{', '.join(mine[:3])}{more} changed"
+
+    def reconfigure(self, cfg: Config, reason: str | None) -> bool:
+        """A reload: adopt ``cfg`` (the supervisor's side of it, such as the restart
+        policy, applies at once); when ``reason`` says something the worker reads
+        changed, choose again and restart the worker with the new settings (or
+        start one, or disable the family). Otherwise the worker keeps running.
+        Returns whether a worker was stopped or started."""
         self.cfg = cfg
+        if reason is None:
+            return False
         self._histories.clear()
         if self.child is not None:
             choice = self.w.choose(self.family)
             target = choice.worker if choice.enabled else None
-            self._replace(target, f"configuration reloaded: {choice.reason}", K.WORKER_SWITCHED)
-        else:
-            self.restart_at = self.reprobe_at = None
-            self.start()
+            why = f"configuration reloaded: {reason}"
+            if target is self.worker:
+                self._replace(target, why, None)
+            else:
+                self._replace(target, f"{why}; {choice.reason}", K.WORKER_SWITCHED)
+            return True
+        self.restart_at = self.reprobe_at = None
+        self.start()
+        return self.child is not None
 
     def stop(self) -> None:
         """The supervisor stops: SIGTERM now, SIGKILL of the group after stop_grace."""

@@ -20,7 +20,8 @@ from cnisup.workers.spec import MAX_STATUS_LINE, SPEC_ENV, STATUS_FD_ENV, Status
 #: Environment a worker inherits: nothing else of the supervisor's leaks to an
 #: unprivileged process.
 _PASS_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "KUBECONFIG",
-             "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+             "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT",
+             "JOURNAL_STREAM")  # their stderr is ours: under systemd, the journal (workers/logs.py)
 
 
 @dataclass

@@ -11,8 +11,6 @@ queue a command ("stop", "reload") that the loop carries out.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -27,10 +25,11 @@ import zmq
 
 from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.kinds import SupervisorKind as K
-from cnisup.supervisor import __version__, control, probes
+from cnisup.protocol.untrusted import one_line
+from cnisup.supervisor import __version__, control, probes, runtime
 from cnisup.supervisor.config import Config, ConfigError, load
 from cnisup.supervisor.proxy import INPROC_BUS, Proxy, ProxyError, ProxySettings
-from cnisup.supervisor.slot import DOWN, Slot, State, SystemClock, Wiring
+from cnisup.supervisor.slot import DOWN, QUIET, Slot, State, SystemClock, Wiring
 from cnisup.supervisor.spawn import Child, spawn
 from cnisup.workers.base import rss_bytes
 from cnisup.workers.bus import Bus
@@ -40,8 +39,9 @@ from cnisup.workers.spec import WorkerSpec
 
 log = logging.getLogger("cnisup.supervisor")
 
-#: Keys whose change needs a restart of ``cnisup start`` itself.
-RESTART_ONLY_KEYS = ("runtime_dir", "publish", "control")
+#: Keys whose change needs a restart of ``cnisup start`` itself (the sockets are
+#: bound, and the private bus belongs to the workers' user, at start).
+RESTART_ONLY_KEYS = ("runtime_dir", "publish", "control", "workers.user")
 #: Seconds the last events may take through the proxy on the way out.
 FLUSH_TIMEOUT_S = 1.0
 #: Our own recent events kept for the journal's replay requests (supervisor events are rare).
@@ -54,6 +54,10 @@ JOURNAL_FIRST_S = 5.0
 
 class StartError(Exception):
     """cnisup start cannot run (lock held, runtime dir unusable, bind failed)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code  #: exit code of ``cnisup start``: 78 for an unsafe runtime dir
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -119,24 +123,18 @@ class Supervisor:
         return Identity(os.getuid(), os.getgid(), tuple(os.getgroups()), False)
 
     def _lock(self) -> None:
+        """The runtime dir (made safe), its private dir, and the lock in it."""
         try:
-            os.makedirs(self.cfg.runtime_dir, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise StartError(f"cannot create runtime_dir {self.cfg.runtime_dir}: {exc.strerror} "
-                             "(run as root, or use --preset development)") from exc
-        fd = os.open(self.cfg.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartError(f"another cnisup instance (pid {holder}) holds {self.cfg.lock_path}; "
-                             "refusing to start a second one") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            dir_fd = runtime.ensure(self.cfg.runtime_dir)
+            try:
+                os.close(runtime.open_dir("private", mode=0o711, dir_fd=dir_fd, what="private dir"))
+                self._lock_fd = runtime.lock(dir_fd, os.path.basename(self.cfg.lock_path), self.cfg.lock_path)
+            finally:
+                os.close(dir_fd)
+        except runtime.Refused as exc:
+            raise StartError(str(exc), exitcodes.EX_CONFIG) from None
+        except runtime.Held as exc:
+            raise StartError(str(exc)) from None
 
     # -- what slots use ------------------------------------------------------------
     def publish(self, kind: str, data: dict[str, Any]) -> None:
@@ -149,7 +147,8 @@ class Supervisor:
     def _spawn(self, worker: WorkerInfo, incarnation: str) -> Child:
         return spawn(WorkerSpec(
             name=worker.name, incarnation=incarnation, supervisor_pid=os.getpid(),
-            bus_endpoint=self.cfg.bus_endpoint, identity=None if worker.privileged else self.identity,
+            bus_endpoint=self.cfg.privileged_bus_endpoint if worker.privileged else self.cfg.bus_endpoint,
+            identity=None if worker.privileged else self.identity,
             config=self.cfg.to_dict()))
 
     # -- running ----------------------------------------------------------------
@@ -187,7 +186,8 @@ class Supervisor:
         gid = self.identity.gid if os.geteuid() == 0 else None
         curve = self.cfg.publish.curve
         self.proxy = Proxy(ProxySettings(
-            bus_endpoint=self.cfg.bus_endpoint, public_endpoints=self.cfg.publish.endpoints,
+            bus_endpoint=self.cfg.bus_endpoint, privileged_bus_endpoint=self.cfg.privileged_bus_endpoint,
+            public_endpoints=self.cfg.publish.endpoints,
             hwm=self.cfg.publish.hwm, worker_gid=gid,
             worker_uid=self.identity.uid if os.geteuid() == 0 else None,
             curve_secret_file=curve.server_secret_key_file,
@@ -201,16 +201,13 @@ class Supervisor:
         self.bus = Bus(INPROC_BUS, stamp, context=self.ctx, sndhwm=self.cfg.workers.bus_hwm, keep=REPLAY_KEEP)
         self.bus.wait_ready(5.0)
         self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
+        control.configure(self.control)
         try:
             self.control.bind(self.cfg.control.endpoint)
         except zmq.ZMQError as exc:
             raise StartError(f"cannot bind control.endpoint {self.cfg.control.endpoint}: {exc}") from exc
         if self.cfg.control.endpoint.startswith("ipc://"):
-            path = self.cfg.control.endpoint[len("ipc://"):]
-            os.chmod(path, 0o660)
-            if gid is not None:
-                os.chown(path, 0, gid)
+            runtime.secure_socket(self.cfg.control.endpoint[len("ipc://"):], 0o660, gid=-1 if gid is None else gid)
 
     def _prepare_dirs(self) -> None:
         """The runtime dir's journal directory, for the fallback journal (and the
@@ -352,7 +349,7 @@ class Supervisor:
         keep systemd waiting: which families lag is in ``degraded``."""
         if self.announced_ready:
             return
-        active = [s for s in self.slots.values() if s.state is not State.DISABLED and s.state not in DOWN]
+        active = [s for s in self.slots.values() if s.state not in QUIET and s.state not in DOWN]
         lagging = [s.family.name for s in active if not s.ready]
         if lagging and not deadline_passed:
             return
@@ -372,22 +369,34 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", exc)
             self.publish(K.CONFIG_RELOAD_FAILED, {"key": exc.key, "error": str(exc)})
             return
+        except Exception as exc:  # a bug in loading must not stop a running supervisor either
+            error = one_line(f"{type(exc).__name__}: {exc}")
+            log.exception("reload failed, keeping the running configuration: %s", error)
+            self.publish(K.CONFIG_RELOAD_FAILED, {"key": "", "error": error})
+            return
         old_flat, new_flat = _flatten(self.cfg.to_dict()), _flatten(new.to_dict())
         changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
-        ignored = [k for k in changed if k.split(".")[0] in RESTART_ONLY_KEYS]
+        ignored = [k for k in changed if k.split(".")[0] in RESTART_ONLY_KEYS or k in RESTART_ONLY_KEYS]
         for key in RESTART_ONLY_KEYS:
-            setattr(new, key, getattr(self.cfg, key))
+            section, _, name = key.partition(".")
+            if name:
+                setattr(getattr(new, section), name, getattr(getattr(self.cfg, section), name))
+            else:
+                setattr(new, key, getattr(self.cfg, key))
         if ignored:
             log.warning("reload: %s need a restart of cnisup start; not applied", ", ".join(ignored))
         applied = [k for k in changed if k not in ignored]
         self.cfg = new
         logging.getLogger().setLevel(new.log_level.upper())
-        self.publish(K.CONFIG_RELOADED, {"changed": applied, "ignored": ignored})
-        log.info("configuration reloaded; changed: %s", ", ".join(applied) or "nothing")
-        if not applied:
-            return
-        for slot in self.slots.values():
-            slot.reconfigure(new)
+        # Only the workers that read a changed key restart: the others never go blind.
+        restarted: dict[str, str] = {}
+        for name, slot in self.slots.items():
+            why = slot.reload_reason(applied)
+            if slot.reconfigure(new, why) and why is not None:
+                restarted[name] = why
+        self.publish(K.CONFIG_RELOADED, {"changed": applied, "ignored": ignored, "restarted": restarted})
+        log.info("configuration reloaded; changed: %s; restarted: %s", ", ".join(applied) or "nothing",
+                 ", ".join(f"{n} ({why})" for n, why in restarted.items()) or "nothing")
 
     def _begin_stop(self, why: str) -> None:
         if self.stopping:

@@ -81,7 +81,7 @@ _MISSING = object()
 class WorkerRun:
     def __init__(self, name: str, config: dict[str, Any], *, tmp: Path,
                  identity: Identity | None = None, heartbeat_interval_s: float = 1.0,
-                 log_level: str = "info", env: dict[str, str] | None = None) -> None:
+                 log_level: str = "info", env: dict[str, str] | None = None, bus_mode: int = 0o666) -> None:
         assert name in WORKERS, name
         self.name = name
         self.tmp = tmp
@@ -96,6 +96,7 @@ class WorkerRun:
             bus_endpoint=f"ipc://{tmp}/bus-{os.getpid()}-{id(self)}.sock",
             identity=identity, config=self.config.to_dict())
         self.extra_env = env or {}
+        self.bus_mode = bus_mode
         self.received: list[Received] = []
         self.status: list[tuple[float, dict[str, Any]]] = []
         self.problems: list[str] = []
@@ -113,8 +114,8 @@ class WorkerRun:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(self.spec.bus_endpoint)
-        # The worker may run as nobody: it must be allowed to connect.
-        os.chmod(self.spec.bus_endpoint.removeprefix("ipc://"), 0o666)
+        # The worker may run as nobody: it must be allowed to connect (unless a test says otherwise).
+        os.chmod(self.spec.bus_endpoint.removeprefix("ipc://"), self.bus_mode)
         sock.send(b"\x01")  # subscribe to everything; replayed to every new pipe
         self._sock = sock
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)

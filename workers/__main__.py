@@ -7,15 +7,16 @@ result, rebuild the configuration, probe, and only then connect to the bus.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import sys
 import traceback
 
-from cnisup.protocol import envelope, exitcodes
+from cnisup.protocol import envelope, exitcodes, reach
 from cnisup.protocol.settings import Config, ConfigError
-from cnisup.workers import privileges
+from cnisup.workers import logs, privileges
 from cnisup.workers.errors import CapabilityMissing, WorkerConfigError
 from cnisup.workers.spec import STATUS_FD_ENV, WorkerSpec, status_line
 
@@ -48,6 +49,17 @@ def _become(spec: WorkerSpec) -> None:
         raise _Exit(exitcodes.EX_NOPERM, "privilege audit failed: " + "; ".join(problems))
 
 
+def _check_bus(endpoint: str) -> None:
+    """Connect once to the bus's ipc socket: ZeroMQ's own connect is asynchronous
+    and silent, so a worker that may not reach the bus would wait out the ready
+    timeout without a word. Say why at once instead: EACCES/EPERM is a missing
+    privilege (77: the supervisor starts the fallback, then re-probes), anything
+    else a crash (70: restarted with backoff)."""
+    if (exc := reach.unreachable(endpoint)) is not None:
+        code = exitcodes.EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM) else exitcodes.EX_SOFTWARE
+        raise _Exit(code, f"the bus: {reach.describe(endpoint, exc)} as uid {os.geteuid()}")
+
+
 def _stop_pipe() -> int:
     """SIGTERM only makes this pipe readable; the worker's loop decides what to do."""
     stop_r, stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -67,6 +79,7 @@ def _run(spec: WorkerSpec, cfg: Config, status_fd: int) -> None:
     probe = info.probe()(cfg)  # the same probe `cnisup check` ran
     if not probe.ok:
         raise CapabilityMissing(probe.reason)
+    _check_bus(spec.bus_endpoint)
     stamp = envelope.Stamp(source=spec.name, node=cfg.node_name, incarnation=spec.incarnation)
     bus = Bus(spec.bus_endpoint, stamp, sndhwm=cfg.workers.bus_hwm)
     try:
@@ -95,10 +108,10 @@ def main(argv: list[str]) -> int:
             cfg = Config.from_dict(spec.config)
         except ConfigError as exc:
             raise _Exit(exitcodes.EX_CONFIG, str(exc)) from exc
-        logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                            format=f"%(asctime)s %(levelname)s {spec.name}[%(process)d] %(message)s")
+        logs.setup(cfg.log_level, f"{spec.name}[%(process)d]")
         _run(spec, cfg, status_fd)
     except _Exit as exc:
+        log.error("%s", exc)  # its own line, at once: the supervisor's line comes with its exit
         return _say_exit(status_fd, exc.code, str(exc))
     except CapabilityMissing as exc:
         log.error("cannot run: %s", exc)

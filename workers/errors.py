@@ -5,6 +5,10 @@ class CapabilityMissing(Exception):
     """A capability or kernel feature this worker needs is missing (exit 77)."""
 
 
+class NoClusterConfig(CapabilityMissing):
+    """No Kubernetes client configuration anywhere: not a fault, there is nothing to watch."""
+
+
 class WorkerConfigError(Exception):
     """The configuration cannot work for this worker (exit 78); names the key."""
 

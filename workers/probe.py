@@ -20,6 +20,8 @@ class Probe:
     ok: bool
     reason: str
     details: dict[str, Any] = field(default_factory=dict)
+    #: not ok because there is nothing to watch here (no cluster), not because something is missing
+    idle: bool = False
 
 
 ProbeFn = Callable[[Config], Probe]

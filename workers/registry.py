@@ -35,6 +35,11 @@ class WorkerInfo:
         return fn
 
 
+#: Configuration keys every worker reads (the envelope's node, its logging, its
+#: heartbeat and bus queue); a key names itself and every key under it.
+WORKER_SETTINGS = ("node_name", "log_level", "workers.heartbeat_interval", "workers.bus_hwm")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -42,6 +47,16 @@ class Family:
     fallback: WorkerInfo
     enabled_key: str  #: config key that turns the family on
     prefer_key: str | None  #: config key that says "prefer the primary" (None: always, when it can run)
+    #: Keys its workers read besides WORKER_SETTINGS; a reload that changes none of
+    #: them (nor enabled_key, nor prefer_key) leaves its worker running. None: all.
+    reads: tuple[str, ...] | None = None
+
+    def affected_by(self, changed: list[str]) -> list[str]:
+        """Which of the ``changed`` keys (flattened, ``cni.bin_dirs``) its workers see."""
+        if self.reads is None:
+            return list(changed)
+        mine = (*WORKER_SETTINGS, *self.reads, self.enabled_key, *([self.prefer_key] if self.prefer_key else []))
+        return [k for k in changed if any(k == m or k.startswith(f"{m}.") for m in mine)]
 
 
 def _w(name: str, family: str, role: str, privileged: bool, module: str, cls: str, probe: str) -> WorkerInfo:
@@ -59,6 +74,7 @@ FAMILIES: dict[str, Family] = {
                     "journal_runtime"),
         enabled_key="journal.enabled",
         prefer_key=None,
+        reads=("journal", "workers.ready_timeout"),
     ),
     "config": Family(
         name="config",
@@ -66,6 +82,7 @@ FAMILIES: dict[str, Family] = {
         fallback=_w("file-poll", "config", "fallback", False, "filepoll", "FilePollWorker", "file_poll"),
         enabled_key="monitors.config",
         prefer_key="use_inotify",
+        reads=("cni", "fallback.file_poll_interval"),
     ),
     "kernel": Family(
         name="kernel",
@@ -75,6 +92,7 @@ FAMILIES: dict[str, Family] = {
         fallback=_w("proc-poll", "kernel", "fallback", True, "procpoll", "ProcPollWorker", "proc_poll"),
         enabled_key="monitors.kernel",
         prefer_key="use_ebpf",
+        reads=("cni.bin_dirs", "fallback.process_poll_interval"),
     ),
     "k8s": Family(
         name="k8s",
@@ -82,6 +100,7 @@ FAMILIES: dict[str, Family] = {
         fallback=_w("kubectl", "k8s", "fallback", False, "kubectl", "KubectlWorker", "kubectl"),
         enabled_key="monitors.k8s",
         prefer_key="use_k8s_informer",
+        reads=("kubernetes",),
     ),
 }
 

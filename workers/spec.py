@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cnisup.protocol.untrusted import UntrustedInputError, load_json, nested_within
 from cnisup.workers.privileges import Identity
 
 SPEC_ENV = "CNISUP_WORKER_SPEC"
@@ -53,7 +54,7 @@ MAX_REASON = 2000
 MAX_KINDS = 256
 
 
-class StatusError(ValueError):
+class StatusError(UntrustedInputError):
     """A status line that breaks the protocol: the worker is not to be trusted."""
 
 
@@ -68,28 +69,15 @@ def _count(msg: dict[str, Any], key: str) -> int:
     return value
 
 
-def _depth(value: Any, limit: int) -> bool:
-    """Is ``value`` nested at most ``limit`` levels deep?"""
-    if limit < 0:
-        return False
-    if isinstance(value, dict):
-        return all(_depth(v, limit - 1) for v in value.values())
-    if isinstance(value, list):
-        return all(_depth(v, limit - 1) for v in value)
-    return True
-
-
 def parse_status(line: bytes) -> dict[str, Any]:
     """One status line, checked for size, shape and types (workers are the
     unprivileged, exposed half of the design). Returns a normalized message:
     ``{"t": "ready", "pid"}``, ``{"t": "hb", "sent", "dropped", "rss", "info"}``
     or ``{"t": "exit", "code", "reason"}``. Raises ``StatusError``."""
-    if len(line) > MAX_STATUS_LINE:
-        raise StatusError(f"a status line of {len(line)} bytes (at most {MAX_STATUS_LINE})")
     try:
-        msg = json.loads(line)
-    except (ValueError, RecursionError) as exc:
-        raise StatusError(f"not a JSON status line: {str(exc)[:100]}") from None
+        msg = load_json(line, what="a status line", max_bytes=MAX_STATUS_LINE, max_depth=MAX_INFO_DEPTH + 1)
+    except UntrustedInputError as exc:
+        raise StatusError(str(exc)) from None
     if not isinstance(msg, dict):
         raise StatusError(f"a status line is a JSON object, not {type(msg).__name__}")
     kind = msg.get("t")
@@ -99,7 +87,7 @@ def parse_status(line: bytes) -> dict[str, Any]:
         rss, info = msg.get("rss"), msg.get("info", {})
         if rss is not None:
             rss = _count(msg, "rss")
-        if not isinstance(info, dict) or not _depth(info, MAX_INFO_DEPTH):
+        if not isinstance(info, dict) or not nested_within(info, MAX_INFO_DEPTH):
             raise StatusError(f"'info' is not an object nested at most {MAX_INFO_DEPTH} deep")
         kseq = msg.get("kseq", {})
         if not isinstance(kseq, dict) or len(kseq) > MAX_KINDS or not all(

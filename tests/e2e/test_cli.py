@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -73,13 +75,16 @@ def test_curve_endpoint_lets_authorized_subscribers_in(base: Path) -> None:
     run("keygen", str(keys), "--name", "server")
     run("keygen", str(keys / "clients"), "--name", "alice")
     run("keygen", str(base / "stranger"), "--name", "mallory")
-    c = Cnisup(base, publish={"endpoints": ["tcp://127.0.0.1:45992"], "curve": {
+    with socket.socket() as s:  # a free port: other test runs on this machine may use any fixed one
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    c = Cnisup(base, publish={"endpoints": [endpoint], "curve": {
         "server_secret_key_file": str(keys / "server.key_secret"),
         "authorized_keys_dir": str(keys / "clients")}})
     c.start()
     try:
         c.wait_worker(worker="inotify", state="running")
-        args = ["tail", "--endpoint", "tcp://127.0.0.1:45992", "--json", "--count", "1", "--timeout", "3",
+        args = ["tail", "--endpoint", endpoint, "--json", "--count", "1", "--timeout", "3",
                 "--curve-server-key", str(keys / "server.key")]
         alice = subprocess.Popen([CNISUP, *args, "--curve-key", str(keys / "clients" / "alice.key_secret")],
                                  stdout=subprocess.PIPE, text=True)
@@ -148,6 +153,16 @@ def test_check_reports_each_family(tmp_path: Path) -> None:
     assert "[config] -> file-poll: use_inotify: false" in human
 
 
+def test_check_fails_when_a_family_can_run_neither_worker(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"runtime_dir": str(tmp_path / "run"), "monitors": {"kernel": False},
+                                   "kubernetes": {"kubeconfig": str(tmp_path / "missing")}}))
+    for args in ([], ["--json"]):
+        out = run("check", "--config", str(cfg), *args)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip().splitlines()[-1] == "cnisup check: no worker can run for: k8s (here)", out.stderr
+
+
 def test_version() -> None:
     out = run("--version")
     assert out.returncode == 0 and __version__ in out.stdout
@@ -157,7 +172,54 @@ def test_status_without_supervisor_fails_clearly(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"runtime_dir": str(tmp_path / "run")}))
     out = run("status", "--config", str(cfg), "--timeout", "0.5")
-    assert out.returncode != 0 and "no answer" in out.stderr
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"cnisup status: cannot connect to ipc://{tmp_path}/run/control.sock: "
+                                 "No such file or directory (ENOENT)"), out.stderr
+    out = run("tail", "--config", str(cfg), "--timeout", "2")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"cnisup tail: cannot connect to ipc://{tmp_path}/run/events.sock: "
+                          "No such file or directory (ENOENT)\n")
+
+
+@pytest.mark.root
+def test_clients_without_permission_on_the_sockets_say_so(cnisup: Cnisup) -> None:
+    """A user outside the workers' group gets EACCES on the 0660 sockets: said, exit 1."""
+    cnisup.start()
+    cnisup.wait_worker(worker="inotify", state="running")
+    outsider = pwd.getpwnam("daemon")  # neither root nor in the workers' group
+    for cmd, sock in (("status", "control.sock"), ("tail", "events.sock")):
+        out = subprocess.run([CNISUP, cmd, "--config", str(cnisup.config_path), "--timeout", "1"],
+                             capture_output=True, text=True, timeout=30, user=outsider.pw_uid,
+                             group=outsider.pw_gid, extra_groups=[], cwd="/")
+        assert out.returncode == 1, (cmd, out.stderr)
+        assert f"cannot connect to ipc://{cnisup.runtime_dir}/{sock}: Permission denied (EACCES)" in out.stderr
+    assert cnisup.stop() == 0
+
+
+def test_tail_that_receives_nothing_says_so(tmp_path: Path) -> None:
+    import zmq
+
+    pub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.XPUB)  # up, but it never publishes
+    pub.bind(f"ipc://{tmp_path}/quiet.sock")
+    try:
+        out = run("tail", "--endpoint", f"ipc://{tmp_path}/quiet.sock", "--timeout", "0.5")
+        assert out.returncode == 1
+        assert out.stderr == f"cnisup tail: no event from ipc://{tmp_path}/quiet.sock within 0.5 s\n"
+    finally:
+        pub.close(linger=0)
+
+
+def test_keygen_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    assert run("keygen", str(keys), "--name", "server").returncode == 0
+    first = (keys / "server.key_secret").read_bytes()
+    out = run("keygen", str(keys), "--name", "server")
+    assert out.returncode == 1 and out.stderr == (f"cnisup keygen: {keys}/server.key exists; not overwriting it "
+                                                  "(--force replaces the pair)\n")
+    assert (keys / "server.key_secret").read_bytes() == first
+    assert run("keygen", str(keys), "--name", "server", "--force").returncode == 0
+    assert (keys / "server.key_secret").read_bytes() != first
+    assert (keys / "server.key_secret").stat().st_mode & 0o777 == 0o600
 
 
 def test_status_and_tail(cnisup: Cnisup) -> None:

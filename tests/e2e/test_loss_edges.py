@@ -32,7 +32,7 @@ def config_only(base: Path, **over: object) -> Cnisup:
 def test_tail_connected_before_start_misses_none_of_the_supervisors_first_events(base: Path) -> None:
     c = config_only(base, journal={"enabled": False})
     (c.runtime_dir).mkdir(parents=True, exist_ok=True)
-    tail = subprocess.Popen([CNISUP, "tail", "--config", str(c.config_path), "-o", "json", "--timeout", "6"],
+    tail = subprocess.Popen([CNISUP, "tail", "--config", str(c.config_path), "-o", "json", "--timeout", "6", "--wait"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # tail runs, retrying its connection to a socket that does not exist yet
     c.start()

@@ -246,6 +246,51 @@ def test_sighup_reloads_and_switches_worker(cnisup: Cnisup) -> None:
     assert cnisup.stop() == 0
 
 
+def test_sighup_restarts_only_the_workers_whose_settings_changed(base: Path) -> None:
+    """Two families (config: inotify, kernel: proc-poll); each reload says which
+    workers it restarted and why, and the others keep running (not blind)."""
+    c = Cnisup(base, monitors={"kernel": True, "config": True, "k8s": False}, use_ebpf=False,
+               fallback={"process_poll_interval": 0.5, "file_poll_interval": 0.5})
+    ev = c.subscribe()
+    c.start()
+    try:
+        pids = {f: c.wait_worker(f, state="running")["pid"] for f in ("config", "kernel")}
+        ev.wait("supervisor.ready")
+        mark = len(ev.seen)
+        assert c.proc is not None
+
+        def reload(**changes: Any) -> dict[str, Any]:
+            for section, values in changes.items():
+                c.config[section].update(values)
+            c.write_config()
+            c.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            data: dict[str, Any] = ev.wait("supervisor.config.reloaded")["data"]
+            return data
+
+        data = reload(restart={"max_delay": 3.0}, workers={"heartbeat_timeout": 4.0})
+        assert data["restarted"] == {} and data["changed"] == ["restart.max_delay", "workers.heartbeat_timeout"]
+        data = reload(cni={"conf_dirs": [str(c.conf_dir)]})
+        assert data["restarted"] == {"config": "cni.conf_dirs changed"}
+        started = ev.wait("supervisor.worker.started", worker="inotify")
+        assert started["data"]["reason"] == "configuration reloaded: cni.conf_dirs changed"
+        assert c.wait_worker("config", state="running")["pid"] == started["data"]["pid"] != pids["config"]
+        data = reload(fallback={"process_poll_interval": 0.4})
+        assert data["restarted"] == {"kernel": "fallback.process_poll_interval changed"}
+        started = ev.wait("supervisor.worker.started", worker="proc-poll")
+        pids = {"config": c.worker("config")["pid"],
+                "kernel": c.wait_worker("kernel", state="running")["pid"]}
+        data = reload(restart={"max_delay": 4.0})
+        assert data["restarted"] == {}
+        ev.collect(1.0)
+        assert {f: c.worker(f)["pid"] for f in ("config", "kernel")} == pids
+        kinds = [(e["kind"], e["data"].get("worker")) for e in ev.seen[mark:]]
+        assert not [k for k in kinds if k[0] == "supervisor.worker.switched"]  # same workers: no switch
+        assert kinds.count(("supervisor.worker.started", "inotify")) == 1
+        assert kinds.count(("supervisor.worker.started", "proc-poll")) == 1
+    finally:
+        assert c.stop() == 0
+
+
 def test_slow_subscriber_loses_only_its_own_events(base: Path) -> None:
     # publish.hwm is per subscriber: big enough for the fast one's bursts, small
     # enough that n events overflow what the slow one's queues can hold.

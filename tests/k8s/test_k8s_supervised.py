@@ -357,6 +357,33 @@ def test_no_kubeconfig_exit_77_then_fallback_fails_and_is_reported(k8s_tmp: Path
         assert c.stop() == 0
 
 
+def test_a_node_without_kubernetes_is_idle_and_says_so_once_at_info(k8s_tmp: Path) -> None:
+    """No kubernetes.kubeconfig, no in-cluster service, no $KUBECONFIG, no
+    ~/.kube/config: not a fault (no ERROR, no WARNING, no exit 77), and not a
+    reason to hold supervisor.ready back either."""
+    c = k8s_cnisup(k8s_tmp, "k8s-informer", "", restart={"reprobe_interval": 1.0})
+    env = {"KUBECONFIG": "", "KUBERNETES_SERVICE_HOST": "", "HOME": str(k8s_tmp)}
+    out = subprocess.run([CNISUP, "check", "--config", str(c.config_path)], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr  # idle is not "cannot run"
+    assert "[k8s] -> idle: no Kubernetes client configuration" in out.stdout
+    ev = c.subscribe()
+    c.start(env=env)
+    try:
+        ready = ev.wait("supervisor.ready", 15)
+        assert ready["data"]["degraded"] == [] and "k8s" not in ready["data"]["workers"]
+        ev.collect(2.5)  # a few re-probes (every second here)
+        w = c.worker("k8s")
+        assert w["state"] == "idle" and w["pid"] is None and "no Kubernetes client configuration" in w["reason"]
+        assert not [e for e in ev.seen if e["data"].get("family") == "k8s"]
+    finally:
+        assert c.stop() == 0
+    log = c.read_log().splitlines()
+    assert len([ln for ln in log if "k8s is idle" in ln]) == 1
+    assert next(ln for ln in log if "k8s is idle" in ln).split()[2] == "INFO"
+    assert not [ln for ln in log if ("WARNING" in ln or "ERROR" in ln) and ("k8s" in ln or "exit 77" in ln)]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 def test_kubectl_children_run_as_nobody_and_die_with_the_worker(api: ApiServer, k8s_tmp: Path,
                                                                kubeconfig: Path) -> None:

@@ -58,6 +58,12 @@ def test_every_key_is_listed_with_its_production_value(gen: ModuleType, tmp_path
     assert _effective(uncommented, tmp_path, "all.yaml") == config.load(preset="production", environ={}).to_dict()
 
 
+def test_plugins_are_looked_for_where_debian_and_upstream_put_them(gen: ModuleType) -> None:
+    raw = yaml.safe_load(gen.uncomment(gen.render()))
+    assert raw["cni"]["bin_dirs"] == ["/opt/cni/bin", "/usr/lib/cni"]
+    assert config.load(preset="production", environ={}).cni.bin_dirs == ["/opt/cni/bin", "/usr/lib/cni"]
+
+
 def test_every_key_has_its_doc_above_it(gen: ModuleType) -> None:
     sections = {part for key in config.field_docs() for part in key.split(".")[:-1]}
     lines = [gen.uncomment(line).strip() for line in gen.render().splitlines()]

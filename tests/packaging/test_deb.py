@@ -341,6 +341,17 @@ def test_installed_check(installed: Build) -> None:
     assert {f["family"] for f in report["families"]} >= {"config"}
     human = _run(["/usr/bin/cnisup", "check", "--config", "/etc/cnisup/config.yaml"], cwd="/")
     assert human.returncode == 0 and "unprivileged workers run as cnisup" in human.stdout
+    # As root, check also judges what the installed unit's limits leave the service.
+    service = report["service"]
+    unit = "/lib/systemd/system/cnisup.service"
+    assert os.path.realpath(service["unit"]) == os.path.realpath(unit) and service["no_new_privs"]
+    assert set(service["capabilities"]) == {c for v in unit_settings()["[Service]CapabilityBoundingSet"]
+                                            for c in v.split()}
+    here = {f["family"]: f for f in report["families"]}
+    judged = {f["family"]: f for f in service["families"]}
+    assert judged["kernel"]["worker"] == here["kernel"]["worker"], "the unit takes nothing the kernel family needs"
+    assert judged["k8s"]["idle"] and here["k8s"]["idle"]  # no cluster on this machine: idle, not a failure
+    assert f"as cnisup.service will run ({service['unit']})" in human.stdout
 
 
 def _status(config: Path) -> dict[str, Any] | None:
@@ -385,9 +396,14 @@ def test_installed_start(installed: Build) -> None:
     the unit's capability bounding set (setpriv), $NOTIFY_SOCKET and $WATCHDOG_USEC.
     The config worker must run as cnisup, the sockets belong to the cnisup group,
     an event reaches `cnisup tail`, the main pid sends READY=1, WATCHDOG=1 and
-    STOPPING=1, and SIGTERM stops it with exit 0."""
+    STOPPING=1, and SIGTERM stops it with exit 0. Every family runs: the kernel
+    family's root workers reach the bus without CAP_DAC_OVERRIDE, the k8s family
+    talks to the API-server emulator."""
+    from k8s.apiserver import ApiServer
+
     base = Path(tempfile.mkdtemp(prefix="cnisup-deb-test-", dir="/tmp"))
     notify = NotifySocket(base / "notify.sock")
+    api = ApiServer(bookmark_interval_s=1.0).start()
     try:
         base.chmod(0o755)
         conf_dir, bin_dir = base / "net.d", base / "bin"
@@ -396,8 +412,9 @@ def test_installed_start(installed: Build) -> None:
         config = base / "cnisup.yaml"
         config.write_text(json.dumps({
             "preset": "production", "node_name": "deb-test", "runtime_dir": str(base / "run"),
-            "monitors": {"kernel": False, "config": True, "k8s": False},
+            "monitors": {"kernel": True, "config": True, "k8s": True},
             "cni": {"conf_dirs": [str(conf_dir)], "bin_dirs": [str(bin_dir)]},
+            "kubernetes": {"kubeconfig": str(api.write_kubeconfig(base / "kubeconfig"))},
         }))
         caps = unit_settings()["[Service]CapabilityBoundingSet"]
         bounding = ",".join("+" + c.removeprefix("CAP_").lower() for v in caps for c in v.split())
@@ -421,26 +438,38 @@ def test_installed_start(installed: Build) -> None:
                 proc.wait()
             log.close()
     finally:
+        api.stop()
         notify.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
+#: CAP_DAC_OVERRIDE's bit: what the kernel family's root workers must do without.
+CAP_DAC_OVERRIDE = 1 << 1
+
+
 def _check_running(proc: subprocess.Popen[bytes], config: Path, base: Path) -> None:
-    deadline = time.monotonic() + 30
-    worker: dict[str, Any] = {}
+    deadline = time.monotonic() + 60  # the eBPF worker compiles its programs before it is ready
+    workers: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"cnisup start exited {proc.returncode}:\n{(base / 'cnisup.log').read_text()}"
         status = _status(config)
         if status:
-            worker = next(w for w in status["workers"] if w["family"] == "config")
-            if worker["state"] == "running":
+            workers = {w["family"]: w for w in status["workers"]}
+            if all(w["state"] == "running" for w in workers.values()):
                 break
         time.sleep(0.2)
-    assert worker.get("state") == "running", f"{worker}\n{(base / 'cnisup.log').read_text()}"
+    states = {f: w["state"] for f, w in workers.items()}
+    assert states == {"config": "running", "kernel": "running", "k8s": "running"}, \
+        f"{workers}\n{(base / 'cnisup.log').read_text()}"
     pw = pwd.getpwnam("cnisup")
-    st = _proc_status(worker["pid"])
-    assert st["Uid"].split() == [str(pw.pw_uid)] * 4 and st["Gid"].split() == [str(pw.pw_gid)] * 4
-    assert st["CapBnd"] == "0000000000000000" and st["NoNewPrivs"] == "1"
+    for family in ("config", "k8s"):
+        st = _proc_status(workers[family]["pid"])
+        assert st["Uid"].split() == [str(pw.pw_uid)] * 4 and st["Gid"].split() == [str(pw.pw_gid)] * 4
+        assert st["CapBnd"] == "0000000000000000" and st["NoNewPrivs"] == "1"
+    kernel = _proc_status(workers["kernel"]["pid"])
+    assert kernel["Uid"].split()[0] == "0" and kernel["NoNewPrivs"] == "1"
+    assert not int(kernel["CapEff"], 16) & CAP_DAC_OVERRIDE
+    worker = workers["config"]
     argv0 = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")[0].decode()
     assert argv0 == f"{VENV}/bin/python"
     sup = _proc_status(proc.pid)
@@ -450,6 +479,8 @@ def _check_running(proc: subprocess.Popen[bytes], config: Path, base: Path) -> N
         assert (info.st_gid, info.st_mode & 0o777) == (pw.pw_gid, 0o660), sock
     bus = (base / "run" / "private" / "bus.sock").stat()  # only the workers' user may publish
     assert (bus.st_uid, bus.st_mode & 0o777) == (pw.pw_uid, 0o600)
+    root_bus = (base / "run" / "private" / "bus-root.sock").stat()  # ...and the root workers, on their own
+    assert (root_bus.st_uid, root_bus.st_mode & 0o777) == (0, 0o600)
     tail = subprocess.Popen(["/usr/bin/cnisup", "tail", "--json", "--config", str(config),
                              "--topic", "cni.config.created", "--count", "1", "--timeout", "15"],
                             stdout=subprocess.PIPE, text=True, cwd="/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,7 @@ class World:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.procs: list[FakeProcess] = []
         self.primary_ok, self.enabled = primary_ok, enabled
+        self.idle = False
         self.spawn_error: OSError | None = None
         self.slot = Slot(KERNEL, self.cfg, Wiring(spawn=self.spawn, publish=self.publish, choose=self.choose,
                                                   clock=self.clock))
@@ -96,6 +98,8 @@ class World:
     def choose(self, family: Family) -> Choice:
         if not self.enabled:
             return Choice(family.name, False, None, "monitors.kernel: false", {})
+        if self.idle:
+            return Choice(family.name, True, None, "nothing to watch", {}, idle=True)
         if self.primary_ok:
             return Choice(family.name, True, family.primary, "BPF ok", {})
         return Choice(family.name, True, family.fallback, "ebpf unavailable: no BTF", {})
@@ -244,7 +248,7 @@ def test_reload_that_disables_the_family_stops_it() -> None:
     w.slot.start()
     w.ready()
     w.enabled = False
-    w.slot.reconfigure(w.cfg)
+    w.slot.reconfigure(w.cfg, w.slot.reload_reason(["monitors.kernel"]))
     assert w.state() is State.STOPPING and w.proc.signals == [signal.SIGTERM]
     w.exit(0)
     assert w.state() is State.DISABLED and w.slot.worker is None and w.slot.next_deadline() is None
@@ -254,21 +258,83 @@ def test_reload_that_enables_a_disabled_family_starts_it() -> None:
     w = World(enabled=False)
     w.slot.start()
     assert w.state() is State.DISABLED and w.procs == []
+    assert w.slot.reload_reason(["monitors.config"]) is None
     w.enabled = True
-    w.slot.reconfigure(w.cfg)
+    w.slot.reconfigure(w.cfg, w.slot.reload_reason(["monitors.kernel"]))
     assert w.state() is State.STARTING
 
 
-def test_reload_restarts_a_running_worker_with_the_new_settings() -> None:
+def test_reload_restarts_the_same_worker_when_a_key_it_reads_changed() -> None:
     w = World()
     w.slot.start()
     w.ready()
     new = Config.from_dict({"fallback": {"process_poll_interval": 1.0}})
-    w.slot.reconfigure(new)
+    reason = w.slot.reload_reason(["fallback.process_poll_interval"])
+    assert reason == "fallback.process_poll_interval changed"
+    assert w.slot.reconfigure(new, reason) is True
+    assert w.state() is State.STOPPING and w.proc.signals == [signal.SIGTERM]
     w.exit(0)
-    switched = w.last(K.WORKER_SWITCHED)
-    assert switched["from"] == switched["to"] == "ebpf" and switched["reason"].startswith("configuration reloaded")
-    assert w.state() is State.STARTING and w.slot.cfg is new
+    assert K.WORKER_SWITCHED not in w.kinds()  # the same worker: not a switch
+    started = w.last(K.WORKER_STARTED)
+    assert started["worker"] == "ebpf" and started["reason"] == f"configuration reloaded: {reason}"
+    assert w.state() is State.STARTING and w.slot.cfg is new and len(w.procs) == 2
+
+
+def test_reload_that_changes_nothing_the_worker_reads_leaves_it_running() -> None:
+    w = World()
+    w.slot.start()
+    w.ready()
+    before = list(w.events)
+    changed = ["cni.conf_dirs", "fallback.file_poll_interval", "kubernetes.read_timeout", "restart.max_delay",
+               "workers.heartbeat_timeout"]
+    assert w.slot.reload_reason(changed) is None
+    new = Config.from_dict({"restart": {"max_delay": 1.0}})
+    assert w.slot.reconfigure(new, None) is False
+    assert w.state() is State.RUNNING and w.proc.signals == [] and len(w.procs) == 1 and w.events == before
+    assert w.slot.cfg is new  # the supervisor's side (the restart policy) applies at once
+    w.exit(70)
+    assert w.last(K.WORKER_RESTARTING)["delay_s"] <= 1.0
+
+
+def test_which_keys_restart_which_family() -> None:
+    w = World()
+    w.slot.start()
+    w.ready()
+    assert w.slot.reload_reason(["cni.bin_dirs"]) == "cni.bin_dirs changed"
+    assert w.slot.reload_reason(["node_name"]) == "node_name changed"  # in every envelope
+    assert w.slot.reload_reason(["use_ebpf", "log_level", "monitors.kernel", "workers.bus_hwm"]) == \
+        "use_ebpf, log_level, monitors.kernel and 1 more changed"
+    config_family = FAMILIES["config"]
+    assert config_family.affected_by(["cni.conf_dirs", "cni.max_config_size", "use_ebpf"]) == \
+        ["cni.conf_dirs", "cni.max_config_size"]
+    assert FAMILIES["k8s"].affected_by(["kubernetes.pod_scope", "cni.bin_dirs"]) == ["kubernetes.pod_scope"]
+    undeclared = Family("x", PRIMARY, FALLBACK, "monitors.kernel", "use_ebpf")  # reads nothing declared: all count
+    assert undeclared.affected_by(["restart.jitter"]) == ["restart.jitter"]
+
+
+def test_reload_retries_a_family_that_is_down_whatever_changed() -> None:
+    w = World()
+    w.slot.start()
+    w.exit(exitcodes.EX_CONFIG, reason="bad")
+    assert w.state() is State.FAILED
+    reason = w.slot.reload_reason([])
+    assert reason == "retried on reload (was failed)"
+    w.slot.reconfigure(w.cfg, reason)
+    assert w.state() is State.STARTING and len(w.procs) == 2
+
+
+def test_reload_while_a_replacement_is_stopping_the_worker() -> None:
+    """A second reload before the worker has exited only changes the plan."""
+    w = World()
+    w.slot.start()
+    w.ready()
+    w.slot.reconfigure(w.cfg, w.slot.reload_reason(["cni.bin_dirs"]))
+    assert w.state() is State.STOPPING
+    w.enabled = False
+    w.slot.reconfigure(w.cfg, w.slot.reload_reason(["monitors.kernel"]))
+    assert w.state() is State.STOPPING and w.proc.signals == [signal.SIGTERM]
+    w.exit(0)
+    assert w.state() is State.DISABLED and len(w.procs) == 1
 
 
 def test_stop_during_backoff_cancels_the_restart() -> None:
@@ -369,3 +435,22 @@ def test_the_log_says_once_per_family_which_worker_runs_and_why(caplog: pytest.L
     assert using == ["Using eBPF monitor for the kernel family",
                      "Using proc-poll for the kernel family: ebpf: no BTF"]
     assert all(r.levelname == "INFO" for r in caplog.records if r.getMessage().startswith("Using "))
+
+
+def test_nothing_to_watch_idles_quietly_and_looks_again(caplog: pytest.LogCaptureFixture) -> None:
+    w = World()
+    w.idle = True
+    with caplog.at_level(logging.INFO, logger="cnisup.supervisor"):
+        w.slot.start()
+        assert w.state() is State.IDLE and w.procs == [] and w.events == []
+        assert w.slot.next_deadline() == pytest.approx(w.clock.now + 300, abs=0.01)
+        w.advance(300.01)
+        assert w.state() is State.IDLE and w.procs == []
+        reason = w.slot.reload_reason([])  # a reload looks again at once, and starts nothing if nothing is there
+        assert reason == "retried on reload (was idle)" and w.slot.reconfigure(w.cfg, reason) is False
+        assert w.state() is State.IDLE
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said == [(logging.INFO, "monitor family kernel is idle: nothing to watch; looking again every 300 s")]
+    w.idle = False
+    w.advance(300.01)
+    assert w.state() is State.STARTING and w.slot.worker is PRIMARY

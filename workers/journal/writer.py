@@ -184,7 +184,7 @@ class JournalWorker(Worker):
             try:
                 reply = control.request(self.ctx.config.control.endpoint, "replay", timeout_ms=REPLAY_TIMEOUT_MS,
                                         incarnation=incarnation, from_seq=first, to_seq=upto)
-            except (TimeoutError, zmq.ZMQError, ValueError) as exc:
+            except (TimeoutError, ConnectionError, zmq.ZMQError, ValueError) as exc:
                 self.ctx.log.warning("replay of supervisor events %d..%d failed: %s", first, upto, exc)
                 return first
             texts = reply.get("envelopes") if reply.get("ok") else None

@@ -24,7 +24,7 @@ from typing import Any
 from cnisup.protocol.kinds import K8sKind
 from cnisup.protocol.settings import Config
 from cnisup.workers import backoff
-from cnisup.workers.errors import CapabilityMissing
+from cnisup.workers.errors import CapabilityMissing, NoClusterConfig
 
 Obj = Mapping[str, Any]
 Slim = dict[str, Any]
@@ -56,7 +56,8 @@ def _home() -> str:
 
 def locate(configured: str, environ: Mapping[str, str] | None = None) -> Access:
     """``kubernetes.kubeconfig`` if set, else in-cluster, else ``$KUBECONFIG``, else
-    ``~/.kube/config``. Raises ``CapabilityMissing`` naming everything it tried."""
+    ``~/.kube/config``. Raises ``NoClusterConfig`` naming everything it tried when none
+    is there, ``CapabilityMissing`` when the configured file is not."""
     env = os.environ if environ is None else environ
     tried = []
     if configured:
@@ -78,7 +79,7 @@ def locate(configured: str, environ: Mapping[str, str] | None = None) -> Access:
     if os.path.isfile(home):
         return Access("kubeconfig", home, "~/.kube/config")
     tried.append(f"{home} (no such file)")
-    raise CapabilityMissing("no Kubernetes client configuration: kubernetes.kubeconfig is empty; tried "
+    raise NoClusterConfig("no Kubernetes client configuration: kubernetes.kubeconfig is empty; tried "
                             + "; ".join(tried))
 
 

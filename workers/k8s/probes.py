@@ -29,7 +29,7 @@ import yaml
 
 from cnisup.protocol.settings import Config
 from cnisup.workers import privileges
-from cnisup.workers.errors import CapabilityMissing
+from cnisup.workers.errors import CapabilityMissing, NoClusterConfig
 from cnisup.workers.k8s import events
 from cnisup.workers.probe import Probe
 
@@ -57,14 +57,14 @@ def _readable_by(path: str, account: pwd.struct_passwd) -> bool:
     return account.pw_uid == 0 or bool(st.st_mode & bit)
 
 
-def _access(cfg: Config, details: dict[str, Any]) -> str | None:
-    """Where the k8s workers' client configuration comes from; the reason if nowhere."""
+def _access(cfg: Config, details: dict[str, Any]) -> CapabilityMissing | None:
+    """Where the k8s workers' client configuration comes from; why not, if nowhere."""
     details["pod_scope"] = cfg.kubernetes.pod_scope
     details["in_cluster_env"] = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     try:
         access = _locate(cfg)
     except CapabilityMissing as exc:
-        return str(exc)
+        return exc
     details["client_config"] = {"mode": access.mode, "path": access.path, "from": access.origin}
     account = _account(cfg)
     if access.mode == "kubeconfig" and os.geteuid() == 0 and not _readable_by(access.path, account):
@@ -78,7 +78,7 @@ def informer(cfg: Config) -> Probe:
         return Probe(False, "the kubernetes Python client is not installed (python3-kubernetes)", details)
     missing = _access(cfg, details)
     if missing:
-        return Probe(False, missing, details)
+        return Probe(False, str(missing), details, idle=isinstance(missing, NoClusterConfig))
     return Probe(True, f"kubernetes client; config from {details['client_config']['from']}", details)
 
 
@@ -96,7 +96,7 @@ def kubectl(cfg: Config) -> Probe:
         details["version_error"] = str(exc)
     missing = _access(cfg, details)
     if missing:
-        return Probe(False, missing, details)
+        return Probe(False, str(missing), details, idle=isinstance(missing, NoClusterConfig))
     return Probe(True, f"kubectl {details.get('version', '?')}; config from {details['client_config']['from']}",
                  details)
 

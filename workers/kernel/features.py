@@ -39,6 +39,29 @@ OPTIONAL: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: Capability numbers (linux/capability.h) a BPF tracing program needs: CAP_BPF and
+#: CAP_PERFMON, or CAP_SYS_ADMIN alone (kernels before 5.8 know only that one).
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def effective_caps(pid: int | str = "self") -> int:
+    """The CapEff bit mask of a process (0 when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def can_trace(caps: int) -> bool:
+    """May a process with effective set ``caps`` load and attach BPF tracing programs?"""
+    bpf_perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON)
+    return caps & bpf_perfmon == bpf_perfmon or bool(caps & (1 << CAP_SYS_ADMIN))
+
+
 def tracefs() -> str | None:
     for d in TRACEFS_CANDIDATES:
         if os.path.isdir(f"{d}/events"):
@@ -95,6 +118,8 @@ def check(*, import_bcc: bool = True, tracefs_dir: str | None = None) -> HostFea
     details: dict[str, Any] = {"kernel": platform.release(), "euid": os.geteuid()}
     if os.geteuid() != 0:
         problems.append("not root (BPF tracing programs need CAP_BPF and CAP_PERFMON)")
+    elif not can_trace(caps := effective_caps()):
+        problems.append(f"CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are not in the effective set ({caps:#x})")
     if import_bcc:
         version, err = bcc_version()
         details["bcc"] = version or err
