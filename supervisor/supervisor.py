@@ -210,12 +210,17 @@ class Supervisor:
             runtime.secure_socket(self.cfg.control.endpoint[len("ipc://"):], 0o660, gid=-1 if gid is None else gid)
 
     def _prepare_dirs(self) -> None:
-        """The runtime dir's journal directory, for the fallback journal (and the
-        development preset's), owned by the workers' user."""
-        d = os.path.dirname(self.cfg.journal_fallback_path)
-        os.makedirs(d, mode=0o750, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(d, self.identity.uid, self.identity.gid)
+        """The journal directories inside the runtime dir (the fallback journal's,
+        and the development preset's journal.path), owned by the workers' user.
+        Elsewhere (/var/lib/cnisup) the package or the operator makes them."""
+        inside = os.path.realpath(self.cfg.runtime_dir) + os.sep
+        for path in (self.cfg.journal_fallback_path, self.cfg.journal_path):
+            d = os.path.dirname(path)
+            if not os.path.realpath(d).startswith(inside):
+                continue
+            os.makedirs(d, mode=0o750, exist_ok=True)
+            if os.geteuid() == 0:
+                os.chown(d, self.identity.uid, self.identity.gid)
 
     def _enqueue(self, cmd: str) -> Callable[[int, FrameType | None], None]:
         """A signal handler that only queues ``cmd`` for the loop."""

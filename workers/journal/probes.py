@@ -30,6 +30,10 @@ def _problem(path: str, cfg: Config) -> str | None:
     d = os.path.dirname(path)
     try:
         st = os.stat(d)
+    except FileNotFoundError:
+        if os.path.realpath(d).startswith(os.path.realpath(cfg.runtime_dir) + os.sep):
+            return None  # the supervisor makes it, for the workers' user, when it starts
+        return f"{d}: no such directory"
     except OSError as exc:
         return f"{d}: {exc.strerror}"
     if not stat.S_ISDIR(st.st_mode):
