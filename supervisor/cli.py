@@ -180,8 +180,11 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
     eps = list(endpoints) or (cfg.publish.endpoints if cfg else [])
     filters = Filters(kinds=kinds, pod=pod, namespace=namespace, container=container, failed=failed)
     out = _Printer("json" if as_json else output)
+    began = time.time()
     _reachable_or_exit(eps, wait=wait)
     with Subscriber(eps, topics=list(topics), curve=_curve_client(curve_server_key, curve_key)) as sub:
+        if wait:
+            sub.subscribed_at = began  # what was published while we waited was meant for us too
         follow = _Follow(sub, out, cfg.control.endpoint if cfg else None, Match(filters))
         if since is not None:
             follow.stitch = Stitch(answers.open_journal(lambda: _load(config_path, preset), ()),

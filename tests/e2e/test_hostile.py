@@ -132,9 +132,9 @@ def test_control_socket_survives_hostile_requests(cnisup: Cnisup) -> None:
 
 
 SITECUSTOMIZE = """\
-    # Test hook: the first cnisup worker to start writes a JSON list on its status pipe.
+    # Test hook: the first inotify worker to start writes a JSON list on its status pipe.
     import os
-    if "CNISUP_STATUS_FD" in os.environ:
+    if "CNISUP_STATUS_FD" in os.environ and '"name":"inotify"' in os.environ.get("CNISUP_WORKER_SPEC", ""):
         try:
             os.close(os.open(os.path.join(os.path.dirname(__file__), "sent"), os.O_CREAT | os.O_EXCL, 0o644))
         except OSError:
