@@ -14,6 +14,7 @@ APT_PACKAGES=(
   containernetworking-plugins iproute2 strace procps
   linux-headers-amd64
   python3-matplotlib
+  python3-nacl nats-server
 )
 
 need_apt=()
