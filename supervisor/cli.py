@@ -16,7 +16,7 @@ import yaml
 from cnisup.protocol import exitcodes
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import CurveClient, Subscriber
-from cnisup.supervisor import __version__, answers, config, control, probes, render
+from cnisup.supervisor import __version__, answers, config, control, fleet, probes, render
 from cnisup.supervisor.history import Filters, Match, Stitch
 
 EX_START_FAILED = 1
@@ -124,6 +124,8 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
             click.echo(f"{'':8} last exit: {w['last_exit']['reason']}")
         if w["state"] in ("unavailable", "disabled", "failed") and w.get("reason"):
             click.echo(f"{'':8} {w['reason']}")
+        if isinstance((w.get("info") or {}).get("summary"), str):
+            click.echo(f"{'':8} {w['info']['summary'][:500]}")
 
 
 @main.command()
@@ -152,7 +154,7 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
     eps = list(endpoints) or _load(config_path, preset).publish.endpoints
     curve = _curve_client(curve_server_key, curve_key)
     filters = Filters(kinds=kinds, pod=pod, namespace=namespace, container=container, failed=failed)
-    out = _Printer("json" if as_json else output)
+    out = render.Printer("json" if as_json else output)
     with Subscriber(eps, topics=list(topics), curve=curve) as sub:
         if not sub.detect_gaps:
             click.echo("cnisup tail: topic filter set, so sequence gaps are not loss; gap detection off",
@@ -188,25 +190,6 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
                     out(env)
         except KeyboardInterrupt:
             pass
-
-
-class _Printer:
-    def __init__(self, output: str) -> None:
-        self.output = output
-        self.color = render.use_color(sys.stdout)
-        self.compact = render.Compact(color=self.color)
-        self.clock = render.Clock()
-        self.seen = 0
-
-    def __call__(self, env: dict[str, Any]) -> None:
-        self.seen += 1
-        if self.output == "json":
-            click.echo(json.dumps(env, separators=(",", ":"), ensure_ascii=False))
-        elif self.output == "compact":
-            for line in self.compact.feed(env):
-                click.echo(line, color=self.color)
-        else:
-            click.echo(render.long_line(env, self.clock))
 
 
 def _curve_client(curve_server_key: str | None, curve_key: str | None) -> CurveClient | None:
@@ -256,3 +239,4 @@ def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
 main.add_command(answers.history_command(_load, _config_options))
 main.add_command(answers.explain_group(_load, _config_options))
 main.add_command(answers.kinds_command)
+main.add_command(fleet.fleet_group(_load, _config_options))
