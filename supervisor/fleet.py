@@ -128,7 +128,7 @@ class Reader:
         if since_ns is not None:
             start = datetime.datetime.fromtimestamp(since_ns / 1e9, tz=datetime.UTC)
             return ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_TIME,
-                                  opt_start_time=start.isoformat(), inactive_threshold=30.0)
+                                  opt_start_time=start, inactive_threshold=30.0)
         return ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0,
                               deliver_policy=DeliverPolicy.NEW if new else DeliverPolicy.ALL)
 
