@@ -18,6 +18,21 @@ from cnisup.protocol.kinds import ConfigKind
 from cnisup.workers.journal.store import Store
 
 
+@dataclass(frozen=True)
+class Dest:
+    """A stream and subject prefix of one test."""
+
+    stream: str
+    prefix: str
+
+    def nats(self, servers: list[str], **over: Any) -> dict[str, Any]:
+        """``export.nats`` for a test: its stream and prefix, short timeouts."""
+        return {"servers": servers, "stream": self.stream, "subject_prefix": self.prefix, "ack_timeout": 2.0,
+                "connect_timeout": 1.0, "retry_max_delay": 1.0, "duplicate_window": 300.0,
+                "max_bytes": "64MiB", **over}
+
+
+
 def envelopes(node: str, n: int, *, kind: str = ConfigKind.CONFIG_MODIFIED,
               stamp: envelope.Stamp | None = None) -> list[dict[str, Any]]:
     """``n`` valid envelopes of one incarnation (seq 1..n, or on from ``stamp``)."""

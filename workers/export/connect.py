@@ -186,7 +186,9 @@ async def bind_stream(js: JetStreamContext, n: Nats, node: str) -> StreamInfo:
                           ) from None
         try:
             info = await js.add_stream(stream_config(n))
-        except nats.js.errors.BadRequestError as exc:  # placement, limits, overlapping subjects
+        except nats.js.errors.ServiceUnavailableError:
+            raise  # no meta leader yet: try again later
+        except nats.js.errors.APIError as exc:  # placement, storage the server lacks, overlapping subjects
             raise Refused("export.nats.stream", f"cannot create stream {n.stream!r}: {_short(exc.description)}"
                           ) from exc
     probe = subjects.subject(n.subject_prefix, node, "x")

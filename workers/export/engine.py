@@ -136,9 +136,14 @@ class Publisher:
         self._loop.call_soon_threadsafe(self._feed, gen, items)
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
+        if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
-                self._loop.call_soon_threadsafe(self._stop.set)
+                self._loop.call_soon_threadsafe(self._stop_now)
+
+    def _stop_now(self) -> None:
+        assert self._stop is not None and self._wake is not None
+        self._stop.set()
+        self._wake.set()
 
     def join(self, timeout_s: float) -> None:
         if self._thread is not None:
@@ -162,13 +167,10 @@ class Publisher:
                     if nc is None or not nc.is_connected:
                         nc = await self._connect(nc)
                     await self._episode(nc)
-                except connect.Refused as exc:
-                    self.state = "failed"
-                    self.last_error = exc.message
-                    self.out.put("fatal", exc.key, exc.message)
-                    return
                 except Exception as exc:
-                    refused = connect.refusal(exc, self.n)
+                    # A forbidden publish or API request surfaces only in the error callback; what
+                    # raised here is then just its symptom (a timeout).
+                    refused = self._refused or connect.refusal(exc, self.n)
                     if refused is not None:
                         self.state, self.last_error = "failed", refused.message
                         self.out.put("fatal", refused.key, refused.message)

@@ -220,6 +220,9 @@ class NatsExportWorker(Worker):
 
     # -- status ---------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
+        for src in self.sources:  # the lag is known before the first connection, too
+            if src.open() and src.pos is None:
+                src.check()
         now = time.time_ns()
         behind, oldest = 0, None
         for src in self.sources:
