@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cnisup.protocol import envelope
@@ -90,8 +93,16 @@ async def _read(servers: list[str], stream: str, subject: str, opts: dict[str, A
 
 
 def read_stream(servers: list[str], stream: str = "CNISUP", subject: str = ">", **opts: Any) -> list[Stored]:
-    """Every message of the stream (matching ``subject``), in stream order."""
-    return asyncio.run(_read(servers, stream, subject, opts))
+    """Every message of the stream (matching ``subject``), in stream order. Retried while a
+    cluster that lost a member elects new leaders (requests time out meanwhile)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return asyncio.run(_read(servers, stream, subject, opts))
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            print(f"read_stream: {exc!r}, retrying")
+            if time.monotonic() > deadline:
+                raise
 
 
 def stream_state(servers: list[str], stream: str = "CNISUP") -> dict[str, Any]:
