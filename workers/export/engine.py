@@ -118,6 +118,7 @@ class Publisher:
         self._stop: asyncio.Event | None = None
         self._refused: connect.Refused | None = None  #: from nats-py's error callback
         self._attempt = 0  #: failures since the last ack: the backoff step
+        self._ack_bunch = max(1, n.max_in_flight // 8)
         self._retry = backoff.exponential(initial_s=0.1, multiplier=2.0, max_s=n.retry_max_delay, jitter_s=0.1)
 
     # -- the main loop's side ---------------------------------------------------------------
@@ -246,6 +247,7 @@ class Publisher:
         self.state = "connected"
         self.out.put("ready", self.gen)
         inflight: collections.deque[tuple[Item, asyncio.Future[Any]]] = collections.deque()
+        acked: list[tuple[Item, bool]] = []
         stop_by: float | None = None
         try:
             while True:
@@ -257,6 +259,8 @@ class Publisher:
                     loop_now = asyncio.get_running_loop().time()
                     stop_by = stop_by or loop_now + STOP_DRAIN_S
                     if not inflight or loop_now >= stop_by:
+                        if acked:
+                            self.out.put("acked", self.gen, acked)
                         return
                 while not self._stop.is_set() and self._queue and len(inflight) < self.n.max_in_flight:
                     item = self._queue.popleft()
@@ -274,7 +278,6 @@ class Publisher:
                     # mean "not stored": resend (same Nats-Msg-Id) over a fresh connection.
                     self.counts["ack_timeouts"] += 1
                     raise _Down(f"no ack within {self.n.ack_timeout:g} s", reconnect=True) from None
-                acked = []
                 while inflight and inflight[0][1].done():
                     item, fut = inflight.popleft()
                     ack = fut.result()  # an API error (no stream leader: 503) raises here
@@ -283,7 +286,11 @@ class Publisher:
                                               f"{item.subject} was stored by stream {ack.stream!r}, "
                                               f"not {self.n.stream!r}")
                     acked.append((item, bool(ack.duplicate)))
-                self.out.put("acked", self.gen, acked)
+                # Acks come back one by one: hand them over in bunches (a wake-up of the main loop
+                # each is most of the CPU), but at once when the window runs dry.
+                if len(acked) >= self._ack_bunch or not inflight or not self._queue:
+                    self.out.put("acked", self.gen, acked)
+                    acked = []
                 self._attempt = 0
         except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
             # No stream leader (an election): keep the connection. Again and again: bind anew,

@@ -93,6 +93,7 @@ class NatsExportWorker(Worker):
         self.publisher = Publisher(self.n, self.node, name=f"cnisup-export {self.node}")
         self.inflight: collections.deque[Item] = collections.deque()
         self.gen: int | None = None  #: the publisher's episode we send in; None: not connected
+        self.more = True  #: the journals may hold more than the last read took
         self.stopped = False
         self.next_commit = 0.0
         self.counts = {"published": 0, "acked": 0, "duplicates": 0, "journal_resets": 0}
@@ -109,7 +110,10 @@ class NatsExportWorker(Worker):
                 ready = ctx.wait([self.publisher.out.fd, self.watch.fd], timeout_s=self._timeout())
                 journal = self.watch.fd in ready and self.watch.changed()
                 news = self._messages()
-                if journal or news or not ready:
+                if journal or not ready:  # a commit, or the safety poll
+                    self.more = True
+                # Acks alone bring nothing new to read unless the last read stopped at a full window.
+                if self.more and (journal or news or not ready):
                     self._send(force=journal or not ready)
                 self._commit()
             self._finish()
@@ -145,7 +149,7 @@ class NatsExportWorker(Worker):
         for msg in self.publisher.out.take():
             what = msg[0]
             if what == "ready":
-                self.gen, news = msg[1], True
+                self.gen, news, self.more = msg[1], True, True
             elif what == "down":
                 self._rewind()
             elif what == "acked" and msg[1] == self.gen:
@@ -195,6 +199,7 @@ class NatsExportWorker(Worker):
                 break
             self.sources[i].take(row)
             items.append(Item(i, row, subjects.subject(self.n.subject_prefix, self.node, row.kind)))
+        self.more = len(items) == room or any(len(h) == min(room, self.n.batch) for h in heads)
         if items:
             self.inflight.extend(items)
             self.counts["published"] += len(items)
