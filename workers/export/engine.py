@@ -44,6 +44,8 @@ log = logging.getLogger("cnisup.nats")
 STOP_DRAIN_S = 2.0
 #: Characters of an error kept for ``status``.
 MAX_ERROR = 300
+#: Seconds the stream lookup at each connection may take (no meta leader yet: ask again soon).
+BIND_TIMEOUT_S = 2.0
 #: Bytes of a reply we read as an ack (an ack is about 60).
 MAX_REPLY_BYTES = 4096
 
@@ -99,6 +101,8 @@ class _Down(Exception):
 
 def describe(exc: BaseException) -> str:
     text = str(exc).replace("\n", " ")
+    if isinstance(exc, _Down):
+        return text[:MAX_ERROR]
     return f"{type(exc).__name__}: {text}"[:MAX_ERROR] if text else type(exc).__name__
 
 
@@ -120,6 +124,8 @@ class Publisher:
         self._stop: asyncio.Event | None = None
         self._refused: connect.Refused | None = None  #: from nats-py's error callback
         self._attempt = 0  #: failures since the last ack: the backoff step
+        self._reached = False  #: the last attempt reached a server
+        self._refusals = 0  #: stream errors in a row (no leader): at 3, connect and bind anew
         self._ack_bunch = max(1, n.max_in_flight // 8)
         self._retry = backoff.exponential(initial_s=0.1, multiplier=2.0, max_s=n.retry_max_delay, jitter_s=0.1)
 
@@ -184,7 +190,9 @@ class Publisher:
                         nc = None
                 if self._stop.is_set():
                     break
-                self._attempt += 1
+                # A server that answers but cannot serve the stream yet (after a full restart JetStream
+                # elects its leaders for seconds) is asked again soon; one that is away, with backoff.
+                self._attempt = min(self._attempt + 1, 3) if self._reached else self._attempt + 1
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff.delay_s(self._retry, self._attempt))
         finally:
@@ -206,6 +214,7 @@ class Publisher:
             await self._close(old)
         self.state = "connecting"
         self._refused = None
+        self._reached = False
 
         async def on_error(exc: Exception) -> None:
             refused = connect.refusal(exc, self.n)
@@ -223,8 +232,10 @@ class Publisher:
 
         nc = await connect.connect(self.n, name=self.name, inbox_prefix=connect.inbox_prefix(self.node),
                                    error_cb=on_error, closed_cb=on_closed)
+        self._reached = True
         try:
-            await connect.bind_stream(nc.jetstream(timeout=self.n.ack_timeout), self.n, self.node)
+            await connect.bind_stream(nc.jetstream(timeout=min(self.n.ack_timeout, BIND_TIMEOUT_S)), self.n,
+                                      self.node)
         except BaseException:
             await self._close(nc)
             raise
@@ -295,14 +306,15 @@ class Publisher:
                     if error is not None:
                         # No stream leader (an election): keep the connection. Again and again: bind
                         # anew, which also notices a stream that was deleted.
-                        raise _Down(error, reconnect=self._attempt >= 3)
+                        self._refusals += 1
+                        raise _Down(error, reconnect=self._refusals >= 3)
                     acked.append((item, duplicate))
                 # Acks come back one by one: hand them over in bunches (a wake-up of the main loop
                 # each is most of the CPU), but at once when the window runs dry.
                 if len(acked) >= self._ack_bunch or not inflight or not self._queue:
                     self.out.put("acked", self.gen, acked)
                     acked = []
-                self._attempt = 0
+                self._attempt = self._refusals = 0
         finally:
             with contextlib.suppress(Exception):  # a broken connection: the subscription is gone with it
                 await sub.unsubscribe()
