@@ -310,8 +310,8 @@ class Publisher:
                         raise _Down(error, reconnect=self._refusals >= 3)
                     acked.append((item, duplicate))
                 # Acks come back one by one: hand them over in bunches (a wake-up of the main loop
-                # each is most of the CPU), but at once when the window runs dry.
-                if len(acked) >= self._ack_bunch or not inflight or not self._queue:
+                # each is most of the CPU), and once all in flight are acked.
+                if len(acked) >= self._ack_bunch or not inflight:
                     self.out.put("acked", self.gen, acked)
                     acked = []
                 self._attempt = self._refusals = 0
