@@ -18,13 +18,11 @@ skipped.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import datetime
 import json
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +115,8 @@ class Reader:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        import asyncio
+
         try:
             await asyncio.wait_for(self.nc.close(), 2.0)
         except Exception:  # a broken connection is gone either way
@@ -200,6 +200,8 @@ class Reader:
 
 
 def _run(coro: Any) -> Any:
+    import asyncio  # here: every other command starts faster without it
+
     try:
         return asyncio.run(coro)
     except StreamError as exc:
@@ -332,6 +334,8 @@ def fleet_group(load: answers.Load, config_options: answers.Decorator) -> click.
         n = _settings(load(config_path, preset), servers, creds, stream)
 
         async def run() -> tuple[str | None, dict[str, int], dict[str, Any]]:
+            import tempfile
+
             with tempfile.TemporaryDirectory(prefix="cnisup-fleet-") as tmp:
                 async with Reader(n) as r:
                     seen = {node: 0} if node else await find_pod_nodes(r, *pod, since)
