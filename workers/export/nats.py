@@ -42,6 +42,8 @@ from cnisup.workers.export.engine import STOP_DRAIN_S, Item, Publisher
 SAFETY_POLL_S = 30.0
 #: Seconds between those looks while a journal's directory cannot be watched.
 UNWATCHED_POLL_S = 1.0
+#: Seconds between the first write of a journal commit seen and the read: its other writes land meanwhile.
+SETTLE_S = 0.002
 #: Refill the window once this fraction of it is free: fewer, larger journal reads.
 REFILL_FRACTION = 0.25
 
@@ -94,6 +96,8 @@ class NatsExportWorker(Worker):
         self.inflight: collections.deque[Item] = collections.deque()
         self.gen: int | None = None  #: the publisher's episode we send in; None: not connected
         self.more = True  #: the journals may hold more than the last read took
+        self.read_at: float | None = None  #: a commit was seen: read the journals at this time
+        self.poll_at = 0.0  #: the safety poll is due
         self.stopped = False
         self.next_commit = 0.0
         self.counts = {"published": 0, "acked": 0, "duplicates": 0, "journal_resets": 0}
@@ -108,13 +112,19 @@ class NatsExportWorker(Worker):
         try:
             while not ctx.stopping:
                 ready = ctx.wait([self.publisher.out.fd, self.watch.fd], timeout_s=self._timeout())
-                journal = self.watch.fd in ready and self.watch.changed()
+                now = time.monotonic()
+                if self.watch.fd in ready and self.watch.changed() and self.read_at is None:
+                    # A commit writes the WAL in many writes, each an inotify event: read once it settled.
+                    self.read_at = now + SETTLE_S
                 news = self._messages()
-                if journal or not ready:  # a commit, or the safety poll
-                    self.more = True
+                due = self.read_at is not None and now >= self.read_at
+                poll = now >= self.poll_at
+                if due or poll:
+                    self.more, self.read_at = True, None
+                    self.poll_at = now + (SAFETY_POLL_S if self.watch.complete else UNWATCHED_POLL_S)
                 # Acks alone bring nothing new to read unless the last read stopped at a full window.
-                if self.more and (journal or news or not ready):
-                    self._send(force=journal or not ready)
+                if self.more and (due or poll or news):
+                    self._send(force=due or poll)
                 self._commit()
             self._finish()
         finally:
@@ -126,11 +136,12 @@ class NatsExportWorker(Worker):
             self.watch.close()
 
     def _timeout(self) -> float:
-        if self.next_commit and any(s.pos is not None and (s.pos, s.trimmed_total) != s.saved for s in self.sources):
-            return max(0.0, self.next_commit - time.monotonic())
         if not self.watch.complete:
             self.watch.add()
-        return SAFETY_POLL_S if self.watch.complete else UNWATCHED_POLL_S
+        times = [self.poll_at] + ([self.read_at] if self.read_at is not None else [])
+        if self.next_commit and any(s.pos is not None and (s.pos, s.trimmed_total) != s.saved for s in self.sources):
+            times.append(self.next_commit)
+        return max(0.0, min(times) - time.monotonic())
 
     def _finish(self) -> None:
         """Stopping: let the publisher wait for what is in flight, keep its acks."""
