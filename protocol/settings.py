@@ -343,8 +343,9 @@ class Nats:
         120.0, "A created stream drops a resent event (same Nats-Msg-Id) within this window; longer than "
                "an outage plus ack_timeout keeps the stream free of duplicates", check=positive)
     max_in_flight: int = setting(
-        256, "Events published and not yet acknowledged at most (256 x ~600 B stays far below the client's "
-             "2 MiB buffer)", check=positive)
+        1024, "Events published and not yet acknowledged at most: an R3 stream's acks take replication "
+              "round trips, a deeper window keeps it busy (1024 x ~600 B is well under the client's buffer)",
+        check=positive)
     batch: int = setting(1000, "Events read from the journal per query", check=positive)
     ack_timeout: Seconds = setting(
         5.0, "Seconds to wait for the stream's acknowledgement before resending from the cursor",

@@ -95,6 +95,7 @@ def test_acks_errors_and_strangers_among_the_replies() -> None:
     _reply(r, 5, b'{"stream":"OTHER","seq":1}')
     _reply(r, 6, b"[1, 2")
     _reply(r, 7, b'{"stream":"CNISUP","seq":8}')  # never issued: ignored
+    asyncio.run(r.take(_msg("_INBOX_n.abc.\u00b9", b"{}")))  # a digit to str.isdigit(), not to int()
     assert r.settle(1) == (False, None) and r.settle(2) == (True, None)
     assert r.settle(3)[1] == "stream error 503 (10077): no leader"
     assert "no responders" in (r.settle(4)[1] or "")

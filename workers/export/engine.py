@@ -342,7 +342,8 @@ class _Replies:
 
     async def take(self, msg: Msg) -> None:
         tail = msg.subject.rpartition(".")[2]
-        if not tail.isdigit() or len(tail) > 18 or not self.settled < int(tail) <= self.issued:
+        # isascii: str.isdigit() also holds for digits int() refuses (superscripts).
+        if not (tail.isascii() and tail.isdigit()) or len(tail) > 18 or not self.settled < int(tail) <= self.issued:
             return
         self.got[int(tail)] = self.parse(msg)
         self.event.set()
