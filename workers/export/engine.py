@@ -11,7 +11,8 @@ publisher hands back, through a queue and a wake-up pipe:
 - ``("down", gen, reason)``: whatever was in flight is unknown: rewind to the
   cursor (the server drops what it already had, by ``Nats-Msg-Id``);
 - ``("fatal", key, message)``: only a configuration change helps;
-- ``("stopped",)``.
+- ``("stopped",)``, or ``("crashed", why)`` (a bug: the worker exits, the
+  supervisor restarts it).
 
 Each connection episode has a generation; items and acks of an older one
 are dropped, so nothing sent before a failure is ever counted as acked.
@@ -134,7 +135,12 @@ class Publisher:
         started = threading.Event()
 
         def run() -> None:
-            asyncio.run(self._main(started))
+            try:
+                asyncio.run(self._main(started))
+            except BaseException as exc:  # a bug: the worker must not go on without its publisher
+                log.exception("NATS publisher crashed")
+                self.out.put("crashed", describe(exc))
+                started.set()
 
         self._thread = threading.Thread(target=run, name="nats-publisher", daemon=True)
         self._thread.start()

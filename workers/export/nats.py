@@ -178,6 +178,10 @@ class NatsExportWorker(Worker):
                 raise WorkerConfigError(msg[1], msg[2])
             elif what == "stopped":
                 self.stopped = True
+                if not self.ctx.stopping:
+                    raise RuntimeError("the NATS publisher ended unasked")
+            elif what == "crashed":
+                raise RuntimeError(f"the NATS publisher crashed: {msg[1]}")
         return news
 
     def _rewind(self) -> None:
