@@ -158,6 +158,15 @@ class Cluster:
             time.sleep(0.05)
         raise TimeoutError("cluster not ready: " + " | ".join(s.log()[-500:] for s in self.servers))
 
+    def wait_meta(self, timeout_s: float = 60.0) -> None:
+        """The meta group complete again: streams and consumers can be placed. (After a restart the
+        full /healthz also waits for every stream replica to catch up, which can take much longer.)"""
+        deadline = time.monotonic() + timeout_s
+        while not self._meta_ok():
+            if time.monotonic() > deadline:
+                raise TimeoutError("no complete meta group: " + " | ".join(s.log()[-500:] for s in self.servers))
+            time.sleep(0.1)
+
     def stream_leader(self, stream: str) -> str | None:
         for s in self.servers:
             if not s.alive():

@@ -135,7 +135,7 @@ def test_a_cluster_server_killed_mid_stream_loses_nothing(
                              and s["info"].get("behind") == 0, timeout_s=60)
     finally:
         victim.start()
-        nats_cluster.wait_ready()
+        nats_cluster.wait_meta()
     # ... is there, once. (Read with the member back: 2.9 can take long to place a new consumer meanwhile.)
     check_exactly_once(read_stream(nats_cluster.urls, dest.stream), sent + live)
     print(f"stream leader {leader} killed: {hb['info']['errors']} errors, {hb['info']['duplicates']} "
@@ -178,7 +178,7 @@ def test_all_of_nats_down_for_30s_while_events_go_on_then_caught_up_without_loss
     finally:
         assert c.stop() == 0
         nats_cluster.start()
-        nats_cluster.wait_ready()
+        nats_cluster.wait_meta()
 
 
 def test_status_names_the_refusal_and_the_rest_of_cnisup_runs_on(base: Path, nats_cluster: natsserver.Cluster) -> None:
