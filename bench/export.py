@@ -115,6 +115,10 @@ def _throughput(servers: list[str], replicas: int, n: int) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py's default error callback prints a traceback per failed attempt."""
+
+
 class _Consumer(threading.Thread):
     """An ordered JetStream consumer: arrival time minus each event's ts."""
 
@@ -132,7 +136,7 @@ class _Consumer(threading.Thread):
         import nats
         from nats.js.api import DeliverPolicy
 
-        nc = await nats.connect(self.servers)
+        nc = await nats.connect(self.servers, error_cb=_quiet)
         sub = await nc.jetstream().subscribe(self.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
         self.ready.set()
         while not self.stop:
@@ -183,7 +187,8 @@ def _writable(servers: list[str], since: float) -> float:
     async def probe() -> float:
         while True:
             try:
-                nc = await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=1)
+                nc = await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=1,
+                                        error_cb=_quiet)
             except Exception:
                 await asyncio.sleep(0.1)
                 continue
