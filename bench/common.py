@@ -229,3 +229,16 @@ def row(name: str, metric: str, primary: float, fallback: float, unit: str, **ex
     ratio = fallback / primary if primary else float("inf") if fallback else float("nan")
     return {"name": name, "metric": metric, "primary": primary, "fallback": fallback,
             "ratio": ratio, "unit": unit, **extra}
+
+
+def paced(bus: Any, rate: int, seconds: float, payload: dict[str, Any]) -> tuple[int, float]:
+    """Publish ``monitor.warning`` events on a workers' ``Bus`` at ``rate`` per second;
+    (events published, the rate achieved)."""
+    n = int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(n):
+        due = t0 + i / rate
+        if due > (now := time.monotonic()):
+            time.sleep(due - now)
+        bus.publish("monitor.warning", payload)
+    return n, n / (time.monotonic() - t0)

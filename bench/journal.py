@@ -24,20 +24,9 @@ from cnisup.supervisor.history import Filters, Journal
 from cnisup.workers.bus import Bus
 from cnisup.workers.journal.store import Store
 
-from .common import CNISUP, Instance, cpu_seconds_fine, percentile, rss_bytes, world_dir
+from .common import CNISUP, Instance, cpu_seconds_fine, paced, percentile, rss_bytes, world_dir
 
 PAYLOAD = {"family": "config", "worker": "inotify", "code": "bench", "message": "x" * 300}
-
-
-def _paced(bus: Bus, rate: int, seconds: float) -> tuple[int, float]:
-    n = int(rate * seconds)
-    t0 = time.monotonic()
-    for i in range(n):
-        due = t0 + i / rate
-        if due > (now := time.monotonic()):
-            time.sleep(due - now)
-        bus.publish("monitor.warning", PAYLOAD)
-    return n, n / (time.monotonic() - t0)
 
 
 def _stored(db: Path, incarnation: str) -> int:
@@ -81,7 +70,7 @@ def _writer(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         seconds = 2.0 if quick else 6.0
         for rate in (2_000, 5_000, 10_000, 20_000, 40_000, 80_000):
             cpu0 = cpu_seconds_fine(pid)
-            n, achieved = _paced(bus, rate, seconds)
+            n, achieved = paced(bus, rate, seconds, PAYLOAD)
             published += n
             stored = _wait_stored(db, inc, published, 20)
             cpu = cpu_seconds_fine(pid) - cpu0

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bus, config_family, journal, k8s_family, kernel_family, startup
+from . import bus, config_family, export, journal, k8s_family, kernel_family, startup
 from .common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
 Comparison = Callable[[bool], tuple[list[dict[str, Any]], dict[str, Any]]]
-#: kernel (1, 2), config (3), k8s (4), bus (5), start-up (6), journal (7).
+#: kernel (1, 2), config (3), k8s (4), bus (5), start-up (6), journal (7), export (8).
 COMPARISONS: dict[str, Comparison] = {
     "kernel": kernel_family.run,
     "config": config_family.run,
@@ -31,6 +31,7 @@ COMPARISONS: dict[str, Comparison] = {
     "bus": bus.run,
     "startup": startup.run,
     "journal": journal.run,
+    "export": export.run,
 }
 
 
@@ -232,6 +233,12 @@ def report(results: dict[str, Any], plots: dict[str, str]) -> str:
         "- **startup**: `cnisup start` until `supervisor.ready` arrives at a subscriber, median of several",
         "  runs: the config family alone (inotify, file-poll), the kernel family alone (ebpf, proc-poll; root",
         "  only), and the ebpf worker's own BPF compile + load time from `cnisup status`.",
+        "- **export**: loopback nats-servers started by the benchmark (one for R1, three clustered for R3).",
+        "  A journal pre-filled with events drained by `cnisup start` into each (events/s, the export",
+        "  worker's CPU and RSS); a publisher on the workers' `Bus` at 1,000 events/s and an ordered",
+        "  JetStream consumer timing each event from its `ts` (with the journal's default 0.2 s batch",
+        "  interval and with 20 ms); the same load while all three servers are down for 60 s, then the",
+        "  time until the export is back at the live head. See docs/FLEET.md.",
         "- Every family has rows; the kernel ones need root, BCC and the reference plugins, and say so",
         "  in a `skipped` row otherwise.",
     ]

@@ -22,7 +22,7 @@ VERSION = 1
 
 SOURCES = frozenset(
     {"ebpf", "proc-poll", "inotify", "file-poll", "k8s-informer", "kubectl", "journal", "journal-runtime",
-     "supervisor"}
+     "nats", "supervisor"}
 )
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")

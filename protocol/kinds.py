@@ -52,6 +52,12 @@ class JournalKind(StrEnum):
     LOSS = "journal.loss"
 
 
+class ExportKind(StrEnum):
+    """The export family (nats)."""
+
+    TRIMMED = "export.trimmed"
+
+
 class ConfigKind(StrEnum):
     """The config family (inotify, file-poll)."""
 
@@ -209,6 +215,10 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     JournalKind.LOSS: ("events the journal never received (seq holes) or could not keep (a full disk)", obj(
         ["source", "incarnation", "from_seq", "to_seq", "lost", "reason"],
         {"source": S, "incarnation": S, "from_seq": INT, "to_seq": INT, "lost": INT, "reason": S})),
+    ExportKind.TRIMMED: ("the journal deleted events before the export sent them (an outage longer than its "
+                         "retention): they never reach the stream", obj(
+        ["count", "from_id", "to_id", "journal"],
+        {"count": INT, "from_id": INT, "to_id": INT, "journal": S, "stream": S})),
     MonitorKind.WARNING: ("a worker survived a problem (limits, overflow, unreadable input)", obj(
         ["family", "worker", "code", "message"],
         {"family": S, "worker": S, "code": S, "message": S, "path": S, "resource": S})),

@@ -289,6 +289,122 @@ class Journal:
         return "{runtime_dir}/journal/fallback.db"
 
 
+_NATS_SCHEMES = ("nats://", "tls://")
+#: A subject token: no dots, wildcards or whitespace.
+_TOKEN = re.compile(r"^[^.*>\s]+$")
+
+
+def nats_url(url: str) -> str | None:
+    """Why ``url`` is not a NATS server URL we accept, or None."""
+    if not url.startswith(_NATS_SCHEMES):
+        return f"{url!r}: use nats://host:port or tls://host:port"
+    if "@" in url:
+        return f"{url!r}: no credentials in URLs (secrets stay in files: credentials_file, nkey_seed_file, " \
+               "user_password_file)"
+    return None
+
+
+def subject_prefix(prefix: str) -> str | None:
+    tokens = prefix.split(".")
+    if not prefix or not all(_TOKEN.match(t) for t in tokens):
+        return f"{prefix!r} is not a subject prefix (dot-separated tokens, no wildcards or spaces)"
+    return None
+
+
+@dataclass
+class NatsTls:
+    ca: str = setting("", "CA bundle (PEM) the servers' certificates must chain to; empty: the system's CAs")
+    cert: str = setting("", "Client certificate (PEM) for servers that verify clients; needs key")
+    key: str = setting("", "Private key (PEM) of cert")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ca or self.cert)
+
+    def validate(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("cert" if self.key else "key", "cert and key go together")
+        for name in ("ca", "cert", "key"):
+            if (value := getattr(self, name)) and (problem := absolute_path(value)):
+                raise ConfigError(name, problem)
+
+
+@dataclass
+class Nats:
+    servers: list[str] = setting([], "NATS server URLs (nats://host:4222, or tls://host:4222 to require TLS)",
+                                 each=nats_url)
+    credentials_file: str = setting("", "A .creds file (user JWT and nkey seed) to authenticate with")
+    nkey_seed_file: str = setting("", "A file holding a user nkey seed (SU...) to authenticate with")
+    user_password_file: str = setting("", "A file holding user:password on its first line")
+    tls: NatsTls = section(NatsTls)
+    stream: str = setting("CNISUP", "The JetStream stream the events go to", check=lambda v: (
+        None if re.match(r"^[A-Za-z0-9_-]+$", v) else f"{v!r}: a stream name is letters, digits, _ and -"))
+    create_stream: bool = setting(
+        True, "Create the stream when it does not exist (else it must exist: how operators usually run it)")
+    subject_prefix: str = setting("cnisup", "Events go to <subject_prefix>.<node>.<kind>", check=subject_prefix)
+    subjects: list[str] = setting([], "Subjects of a created stream; empty: <subject_prefix>.>")
+    replicas: int = setting(1, "Replicas of a created stream (3 on a 3-server cluster)", check=at_least(1))
+    max_age: Seconds = setting(7 * 86400, "A created stream keeps events this long", check=positive)
+    max_bytes: Bytes = setting(
+        1 << 30, "A created stream keeps at most this much (must fit the servers' max_file_store)",
+        check=positive)
+    duplicate_window: Seconds = setting(
+        120.0, "A created stream drops a resent event (same Nats-Msg-Id) within this window; longer than "
+               "an outage plus ack_timeout keeps the stream free of duplicates", check=positive)
+    max_in_flight: int = setting(
+        1024, "Events published and not yet acknowledged at most: an R3 stream's acks take replication "
+              "round trips, a deeper window keeps it busy (1024 x ~600 B is well under the client's buffer)",
+        check=positive)
+    batch: int = setting(1000, "Events read from the journal per query", check=positive)
+    ack_timeout: Seconds = setting(
+        5.0, "Seconds to wait for the stream's acknowledgement before resending from the cursor",
+        check=positive)
+    connect_timeout: Seconds = setting(2.0, "Seconds one connection attempt may take", check=positive)
+    retry_max_delay: Seconds = setting(
+        5.0, "Cap of the backoff between reconnection attempts (from 0.1 s, doubling, jittered)",
+        check=positive)
+    commit_interval: Seconds = setting(
+        0.2, "The cursor is saved at most this often: a SIGKILL resends at most this much (duplicates the "
+             "server drops)", check=positive)
+
+    @property
+    def auth_key(self) -> str | None:
+        """The key of the authentication in use (for errors), or None."""
+        for name in ("credentials_file", "nkey_seed_file", "user_password_file"):
+            if getattr(self, name):
+                return f"export.nats.{name}"
+        return None
+
+    @property
+    def tls_required(self) -> bool:
+        return self.tls.configured or any(u.startswith("tls://") for u in self.servers)
+
+    @property
+    def stream_subjects(self) -> list[str]:
+        return self.subjects or [f"{self.subject_prefix}.>"]
+
+    def validate(self) -> None:
+        auth = [n for n in ("credentials_file", "nkey_seed_file", "user_password_file") if getattr(self, n)]
+        if len(auth) > 1:
+            raise ConfigError(auth[1], f"only one of credentials_file, nkey_seed_file, user_password_file "
+                                       f"(also set: {auth[0]})")
+        for name in auth:
+            if problem := absolute_path(getattr(self, name)):
+                raise ConfigError(name, problem)
+        if self.duplicate_window > self.max_age:
+            raise ConfigError("duplicate_window", "must not be longer than max_age")
+
+
+@dataclass
+class Export:
+    enabled: bool = setting(False, "Export every journaled event to NATS JetStream (needs journal.enabled)")
+    nats: Nats = section(Nats)
+
+    def validate(self) -> None:
+        if self.enabled and not self.nats.servers:
+            raise ConfigError("nats.servers", "needs at least one server when export.enabled is true")
+
+
 @dataclass
 class Config:
     preset: str = setting("development", "development or production; explicit keys override it",
@@ -310,6 +426,7 @@ class Config:
     fallback: Fallback = section(Fallback)
     kubernetes: Kubernetes = section(Kubernetes)
     journal: Journal = section(Journal)
+    export: Export = section(Export)
 
     def __post_init__(self) -> None:
         self.log_level = self.log_level.lower()
@@ -317,6 +434,8 @@ class Config:
     def validate(self) -> None:
         if self.control.endpoint in self.publish.endpoints:
             raise ConfigError("control.endpoint", "is also a publish endpoint")
+        if self.export.enabled and not self.journal.enabled:
+            raise ConfigError("export.enabled", "the export reads the journal: needs journal.enabled: true")
 
     @classmethod
     def from_dict(cls, raw: Any) -> Config:

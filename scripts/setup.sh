@@ -16,6 +16,7 @@ APT_PACKAGES=(
   linux-headers-amd64
   python3-matplotlib
   debootstrap systemd-container  # tests/packaging/test_nspawn.py: the unit under a real systemd
+  python3-nacl nats-server
 )
 
 need_apt=()

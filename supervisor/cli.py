@@ -17,7 +17,7 @@ import zmq
 from cnisup.protocol import envelope, exitcodes, reach
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import STARTED, CurveClient, Gap, Subscriber
-from cnisup.supervisor import __version__, answers, config, control, probes, render, service
+from cnisup.supervisor import __version__, answers, config, control, fleet, probes, render, service
 from cnisup.supervisor.history import Filters, Match, Stitch
 from cnisup.workers import logs
 
@@ -149,6 +149,8 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
             click.echo(f"{'':8} last exit: {w['last_exit']['reason']}")
         if w["state"] in ("unavailable", "idle", "disabled", "failed") and w.get("reason"):
             click.echo(f"{'':8} {w['reason']}")
+        if isinstance((w.get("info") or {}).get("summary"), str):
+            click.echo(f"{'':8} {w['info']['summary'][:500]}")
 
 
 @main.command()
@@ -179,7 +181,7 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
     cfg = None if endpoints else _load(config_path, preset)
     eps = list(endpoints) or (cfg.publish.endpoints if cfg else [])
     filters = Filters(kinds=kinds, pod=pod, namespace=namespace, container=container, failed=failed)
-    out = _Printer("json" if as_json else output)
+    out = render.Printer("json" if as_json else output)
     began = time.time()
     _reachable_or_exit(eps, wait=wait)
     with Subscriber(eps, topics=list(topics), curve=_curve_client(curve_server_key, curve_key)) as sub:
@@ -222,7 +224,8 @@ class _Follow:
     #: Seconds between looks at what progress events promised.
     LOSS_CHECK_S = 1.0
 
-    def __init__(self, sub: Subscriber, out: _Printer, control_endpoint: str | None, match: Match) -> None:
+    def __init__(self, sub: Subscriber, out: render.Printer, control_endpoint: str | None,
+                 match: Match) -> None:
         self.sub, self.out, self.control, self.match = sub, out, control_endpoint, match
         self.stitch: Stitch | None = None
         self.seen: set[str] = set()
@@ -324,25 +327,6 @@ def _parse(text: str) -> dict[str, Any] | None:
         return None
 
 
-class _Printer:
-    def __init__(self, output: str) -> None:
-        self.output = output
-        self.color = render.use_color(sys.stdout)
-        self.compact = render.Compact(color=self.color)
-        self.clock = render.Clock()
-        self.seen = 0
-
-    def __call__(self, env: dict[str, Any]) -> None:
-        self.seen += 1
-        if self.output == "json":
-            click.echo(json.dumps(env, separators=(",", ":"), ensure_ascii=False))
-        elif self.output == "compact":
-            for line in self.compact.feed(env):
-                click.echo(line, color=self.color)
-        else:
-            click.echo(render.long_line(env, self.clock))
-
-
 def _curve_client(curve_server_key: str | None, curve_key: str | None) -> CurveClient | None:
     if not (curve_server_key or curve_key):
         return None
@@ -395,3 +379,4 @@ def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
 main.add_command(answers.history_command(_load, _config_options))
 main.add_command(answers.explain_group(_load, _config_options))
 main.add_command(answers.kinds_command)
+main.add_command(fleet.fleet_group(_load, _config_options))

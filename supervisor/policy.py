@@ -68,10 +68,11 @@ def decide(
     signal_name: str | None,
     ran_for_s: float,
     now: float,
-    is_primary: bool,
+    can_fall_back: bool,
     stopping: bool,
 ) -> Decision:
-    """What to do after a worker exit. Mutates ``history`` (the only state)."""
+    """What to do after a worker exit. Mutates ``history`` (the only state).
+    ``can_fall_back``: the worker is a primary whose family has a fallback."""
     what = describe_exit(code, signal_name)
     if stopping:
         return Decision(Action.NOTHING, "supervisor is stopping")
@@ -81,7 +82,7 @@ def decide(
     if code == exitcodes.EX_CONFIG:
         return Decision(Action.GIVE_UP, what)
     if code == exitcodes.EX_NOPERM:
-        if is_primary:
+        if can_fall_back:
             return Decision(Action.FALLBACK, what)
         return Decision(Action.GIVE_UP, what)
     # A crash.
@@ -91,7 +92,7 @@ def decide(
     history.crashes.append(now)
     while history.crashes and now - history.crashes[0] > s.flap_window:
         history.crashes.popleft()
-    if is_primary and len(history.crashes) >= s.flap_threshold:
+    if can_fall_back and len(history.crashes) >= s.flap_threshold:
         return Decision(Action.FALLBACK, f"flapping: {len(history.crashes)} crashes within "
                                          f"{s.flap_window:g} s (last: {what})")
     return Decision(Action.RESTART, what, delay_for(s, history.attempt), history.attempt)

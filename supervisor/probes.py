@@ -34,20 +34,27 @@ def choose(cfg: Config, family: Family) -> Choice:
     probes: dict[str, Probe] = {}
     if not cfg.lookup(family.enabled_key):
         return Choice(family.name, False, None, f"{family.enabled_key}: false", probes)
-    if family.prefer_key is not None and not cfg.lookup(family.prefer_key):
-        only = probes[family.fallback.name] = family.fallback.probe()(cfg)
+    fallback = family.fallback
+    if fallback is not None and family.prefer_key is not None and not cfg.lookup(family.prefer_key):
+        only = probes[fallback.name] = fallback.probe()(cfg)
         if only.idle:
             return Choice(family.name, True, None, only.reason, probes, idle=True)
-        return Choice(family.name, True, family.fallback,
-                      f"{family.prefer_key}: false", probes)
+        return Choice(family.name, True, fallback, f"{family.prefer_key}: false", probes)
     primary = probes[family.primary.name] = family.primary.probe()(cfg)
-    fallback = probes[family.fallback.name] = family.fallback.probe()(cfg)
     if primary.ok:
+        if fallback is not None:
+            probes[fallback.name] = fallback.probe()(cfg)
         return Choice(family.name, True, family.primary, primary.reason, probes)
-    if primary.idle and (fallback.idle or not fallback.ok):
+    if fallback is None:
+        if primary.idle:
+            return Choice(family.name, True, None, primary.reason, probes, idle=True)
+        # started anyway: it exits 77, the family is unavailable and re-probed later
+        return Choice(family.name, True, family.primary,
+                      f"{family.primary.name} unavailable: {primary.reason} (no fallback: re-probed later)", probes)
+    second = probes[fallback.name] = fallback.probe()(cfg)
+    if primary.idle and (second.idle or not second.ok):
         return Choice(family.name, True, None, primary.reason, probes, idle=True)
-    return Choice(family.name, True, family.fallback,
-                  f"{family.primary.name} unavailable: {primary.reason}", probes)
+    return Choice(family.name, True, fallback, f"{family.primary.name} unavailable: {primary.reason}", probes)
 
 
 def worker_identity(cfg: Config) -> dict[str, Any]:
@@ -104,13 +111,14 @@ def families(cfg: Config) -> list[dict[str, Any]]:
         c = choose(cfg, fam)
         reason = c.reason
         chosen = c.probes.get(c.worker.name) if c.worker else None
-        if chosen is not None and not chosen.ok:  # started anyway: it exits 77 and is re-probed later
+        # Started anyway: it exits 77 and is re-probed later (a family without fallback says so in its reason).
+        if chosen is not None and not chosen.ok and c.worker is not fam.primary:
             reason += f"; {c.worker.name} will not run either: {chosen.reason}"  # type: ignore[union-attr]
         out.append({
             "family": fam.name, "enabled": c.enabled, "idle": c.idle,
             "runnable": not c.idle and (chosen is None or chosen.ok),
             "worker": c.worker.name if c.worker else None, "reason": reason,
-            "primary": fam.primary.name, "fallback": fam.fallback.name,
+            "primary": fam.primary.name, "fallback": fam.fallback.name if fam.fallback else None,
             "probes": {n: {"ok": p.ok, "reason": p.reason, **p.details} for n, p in c.probes.items()},
             "audits": {n: {"ok": p.ok, "reason": p.reason, **p.details}
                        for n, p in (audits(cfg, fam) if c.enabled and (chosen is None or chosen.ok) else {}).items()},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from collections import OrderedDict
 from typing import Any, TextIO
 
@@ -157,6 +158,28 @@ class Compact:
             tail = _ips(d) or next((ips for c in children if (ips := _ips(c))), "")
         return (f"{self.clock(env['ts'])} {d.get('command') or '?'!s:5} {status} {_who(d):28} "
                 f"{d.get('ifname') or '-'!s:6} {plugin:22} {duration:>9} {tail}").rstrip()
+
+
+class Printer:
+    """One output mode of ``tail``/``history`` (``compact``, ``long``, ``json``) on stdout."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.color = use_color(sys.stdout)
+        self.compact = Compact(color=self.color)
+        self.clock = Clock()
+        self.seen = 0
+
+    def __call__(self, env: dict[str, Any], text: str | None = None) -> None:
+        """``text``: the envelope exactly as published, printed as is with ``json``."""
+        self.seen += 1
+        if self.output == "json":
+            click.echo(text if text is not None else json.dumps(env, separators=(",", ":"), ensure_ascii=False))
+        elif self.output == "compact":
+            for line in self.compact.feed(env):
+                click.echo(line, color=self.color)
+        else:
+            click.echo(long_line(env, self.clock))
 
 
 def long_line(env: dict[str, Any], clock: Clock) -> str:

@@ -200,11 +200,12 @@ class Slot:
                 log.info("monitor family %s disabled (%s)", self.family.name, choice.reason)
                 self._change(S.DISABLED)
             return
-        if choice.worker is self.family.fallback and (self.family.prefer_key is None
+        fallback = self.family.fallback
+        if fallback is not None and choice.worker is fallback and (self.family.prefer_key is None
                                                       or self.cfg.lookup(self.family.prefer_key)):
             self.fallback_reason = choice.reason
             self.reprobe_at = self.w.clock.monotonic() + self.cfg.restart.reprobe_interval
-            self._event(K.WORKER_FALLBACK, **{"from": self.family.primary.name, "to": self.family.fallback.name,
+            self._event(K.WORKER_FALLBACK, **{"from": self.family.primary.name, "to": fallback.name,
                                               "reason": choice.reason})
         self._spawn(choice.worker, choice.reason)
 
@@ -305,7 +306,8 @@ class Slot:
             return
         decision = policy.decide(self.cfg.restart, self._history(), code=exit_code, signal_name=sig,
                                  ran_for_s=ran_for, now=self.w.clock.monotonic(),
-                                 is_primary=worker is self.family.primary, stopping=self.stopping)
+                                 can_fall_back=worker is self.family.primary and self.family.fallback is not None,
+                                 stopping=self.stopping)
         self._follow(decision, worker, exit_code, reason)
 
     def _record_exit(self, pid: int, worker: WorkerInfo, exit_code: int | None, sig: str | None,
@@ -337,6 +339,7 @@ class Slot:
                          delay_s=round(decision.delay_s, 3), reason=reason)
         elif decision.action is policy.Action.FALLBACK:
             fallback = self.family.fallback
+            assert fallback is not None  # the policy falls back only when there is a fallback
             self.fallback_reason = f"{worker.name}: {decision.reason}"
             if exit_code == exitcodes.EX_NOPERM and self._exit_reason:
                 self.fallback_reason = f"{worker.name}: {self._exit_reason}"

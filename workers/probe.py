@@ -35,3 +35,22 @@ def dirs_state(dirs: list[str]) -> dict[str, str]:
         else:
             out[d] = "missing (watched for creation)"
     return out
+
+
+def workers_ids(cfg: Config) -> tuple[int, int]:
+    """uid and gid the unprivileged workers run as: the workers account when
+    we are root (the supervisor probing for them), else our own."""
+    if os.geteuid() == 0:
+        from cnisup.workers import privileges
+
+        pw = privileges.workers_account(cfg.workers.user)[0]
+        return pw.pw_uid, pw.pw_gid
+    return os.getuid(), os.getgid()
+
+
+def may(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+    """Does ``uid``/``gid`` have ``bits`` (rwx as 0o7) on this inode, by its mode? (root may anything)"""
+    if uid == 0:
+        return True
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & bits == bits

@@ -44,7 +44,7 @@ WORKER_SETTINGS = ("node_name", "log_level", "workers.heartbeat_interval", "work
 class Family:
     name: str
     primary: WorkerInfo
-    fallback: WorkerInfo
+    fallback: WorkerInfo | None  #: None: nothing can stand in (export waits, retries and reports lag)
     enabled_key: str  #: config key that turns the family on
     prefer_key: str | None  #: config key that says "prefer the primary" (None: always, when it can run)
     #: Keys its workers read besides WORKER_SETTINGS; a reload that changes none of
@@ -102,8 +102,16 @@ FAMILIES: dict[str, Family] = {
         prefer_key="use_k8s_informer",
         reads=("kubernetes",),
     ),
+    # After the journal, whose file it reads.
+    "export": Family(
+        name="export",
+        primary=_w("nats", "export", "primary", False, "nats", "NatsExportWorker", "nats"),
+        fallback=None,  # another transport would be another family; without NATS it waits and reports lag
+        enabled_key="export.enabled",
+        prefer_key=None,
+    ),
 }
 
 WORKERS: dict[str, WorkerInfo] = {
-    w.name: w for f in FAMILIES.values() for w in (f.primary, f.fallback)
+    w.name: w for f in FAMILIES.values() for w in (f.primary, f.fallback) if w is not None
 }

@@ -41,9 +41,10 @@ VENV = Path("/opt/cnisup/venv")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 APT_OPTS = ["-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
 
-#: Debian packages the program imports (the venv holds only cnisup and inotify_simple).
+#: Debian packages the program imports (the venv holds only cnisup and what requirements.txt pins).
 DEBIAN_DEPENDS = {"python3", "python3-zmq", "python3-click", "python3-tenacity", "python3-yaml",
-                  "python3-jsonschema", "python3-pyroute2", "python3-kubernetes", "python3-bpfcc", "adduser"}
+                  "python3-jsonschema", "python3-pyroute2", "python3-kubernetes", "python3-bpfcc",
+                  "python3-nacl", "adduser"}
 
 
 def _run(cmd: list[str], *, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -215,13 +216,15 @@ def test_files(built: Build) -> None:
     assert not leaked, f"files that name the build tree: {leaked}"
 
 
-def test_venv_holds_only_cnisup_and_inotify_simple(built: Build) -> None:
+def test_venv_holds_only_cnisup_and_the_pinned_requirements(built: Build) -> None:
     site = next((built.unpacked / VENV.relative_to("/")).glob("lib/python3.*/site-packages"))
     version = _pyproject()["project"]["version"]
-    pin = re.search(r"inotify_simple==([\w.]+)", (DEB_DIR / "requirements.txt").read_text())
-    assert pin is not None
+    pins = dict(re.findall(r"^([\w-]+)==([\w.]+)", (DEB_DIR / "requirements.txt").read_text(), re.M))
+    assert set(pins) == {"inotify_simple", "nats-py", "nkeys"}
     assert sorted(p.name for p in site.iterdir()) == sorted(
-        ["cnisup", f"cnisup-{version}.dist-info", "inotify_simple.py", f"inotify_simple-{pin[1]}.dist-info"])
+        ["cnisup", f"cnisup-{version}.dist-info", "inotify_simple.py",
+         f"inotify_simple-{pins['inotify_simple']}.dist-info", "nats", f"nats_py-{pins['nats-py']}.dist-info",
+         "nkeys", f"nkeys-{pins['nkeys']}.dist-info"])
     # Each RECORD matches the files as shipped (after the build-path fixes).
     for record in site.glob("*.dist-info/RECORD"):
         for name, digest, size in csv.reader(record.read_text().splitlines()):
@@ -315,9 +318,9 @@ def test_installed(installed: Build) -> None:
 
 def test_installed_python_environment(installed: Build) -> None:
     """sys.executable is the venv's python (workers are exec'd with it); cnisup and
-    inotify_simple come from the venv, everything else from Debian's packages."""
-    names = ["bcc", "click", "jsonschema", "kubernetes", "pyroute2", "tenacity", "yaml", "zmq",
-             "inotify_simple", "cnisup.workers"]
+    the pinned requirements come from the venv, everything else from Debian's packages."""
+    venv = ("inotify_simple", "nats", "nkeys", "cnisup.workers")
+    names = ["bcc", "click", "jsonschema", "kubernetes", "pyroute2", "tenacity", "yaml", "zmq", "nacl", *venv]
     code = (f"import sys, json, importlib; mods = [importlib.import_module(n) for n in {names!r}]; "
             "import cnisup.supervisor.cli; "
             "print(json.dumps({'exe': sys.executable, 'files': {m.__name__: m.__file__ for m in mods}}))")
@@ -326,7 +329,7 @@ def test_installed_python_environment(installed: Build) -> None:
     info = json.loads(out.stdout)
     assert info["exe"] == f"{VENV}/bin/python"
     for name, path in info["files"].items():
-        where = str(VENV) if name in ("inotify_simple", "cnisup.workers") else "/usr/lib/python3/dist-packages/"
+        where = str(VENV) if name in venv else "/usr/lib/python3/dist-packages/"
         assert path.startswith(where), f"{name} imported from {path}"
     assert list(VENV.glob("lib/python3.*/site-packages/cnisup/supervisor/__pycache__/cli.*.pyc")), \
         "postinst compiles the bytecode"

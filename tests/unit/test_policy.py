@@ -12,7 +12,7 @@ S = Restart(initial_delay=0.5, multiplier=2.0, max_delay=8.0, jitter=0.0, stable
 def crash(h: History, now: float, *, ran_for: float = 1.0, primary: bool = False, code: int | None = 1,
           sig: str | None = None, stopping: bool = False) -> Decision:
     return decide(S, h, code=code, signal_name=sig, ran_for_s=ran_for, now=now,
-                  is_primary=primary, stopping=stopping)
+                  can_fall_back=primary, stopping=stopping)
 
 
 def test_delays_grow_exponentially_and_are_capped() -> None:

@@ -70,7 +70,8 @@ def test_every_kind_is_documented() -> None:
 
 
 def test_every_kind_is_a_family_constant_and_every_constant_is_described() -> None:
-    constants = {k for enum in (kinds.SupervisorKind, kinds.MonitorKind, kinds.JournalKind, kinds.ConfigKind,
+    constants = {k for enum in (kinds.SupervisorKind, kinds.MonitorKind, kinds.JournalKind, kinds.ExportKind,
+                                kinds.ConfigKind,
                                 kinds.KernelKind, kinds.K8sKind) for k in enum}
     assert set(kinds.KINDS) == constants
     assert all(envelope.valid_kind(k) for k in constants)

@@ -72,7 +72,8 @@ class FakeProcess:
 class World:
     """One slot of the kernel family and everything it touches."""
 
-    def __init__(self, cfg: Config | None = None, *, primary_ok: bool = True, enabled: bool = True) -> None:
+    def __init__(self, cfg: Config | None = None, *, primary_ok: bool = True, enabled: bool = True,
+                 family: Family = KERNEL) -> None:
         self.clock = FakeClock()
         self.cfg = cfg or Config.from_dict({"restart": {"initial_delay": 1.0, "jitter": 0.0, "max_delay": 8.0,
                                                         "flap_threshold": 3, "flap_window": 60.0,
@@ -82,7 +83,7 @@ class World:
         self.primary_ok, self.enabled = primary_ok, enabled
         self.idle = False
         self.spawn_error: OSError | None = None
-        self.slot = Slot(KERNEL, self.cfg, Wiring(spawn=self.spawn, publish=self.publish, choose=self.choose,
+        self.slot = Slot(family, self.cfg, Wiring(spawn=self.spawn, publish=self.publish, choose=self.choose,
                                                   clock=self.clock))
 
     def spawn(self, worker: WorkerInfo, incarnation: str) -> FakeProcess:
@@ -100,8 +101,8 @@ class World:
             return Choice(family.name, False, None, "monitors.kernel: false", {})
         if self.idle:
             return Choice(family.name, True, None, "nothing to watch", {}, idle=True)
-        if self.primary_ok:
-            return Choice(family.name, True, family.primary, "BPF ok", {})
+        if self.primary_ok or family.fallback is None:
+            return Choice(family.name, True, family.primary, "BPF ok" if self.primary_ok else "no server", {})
         return Choice(family.name, True, family.fallback, "ebpf unavailable: no BTF", {})
 
     def state(self) -> State:
@@ -454,3 +455,49 @@ def test_nothing_to_watch_idles_quietly_and_looks_again(caplog: pytest.LogCaptur
     w.idle = False
     w.advance(300.01)
     assert w.state() is State.STARTING and w.slot.worker is PRIMARY
+
+
+# -- a family without a fallback (export): it waits and retries, it never falls back ---------
+
+EXPORT = FAMILIES["export"]
+
+
+def test_a_family_without_fallback_restarts_its_primary_however_often_it_crashes() -> None:
+    assert EXPORT.fallback is None
+    w = World(family=EXPORT)
+    w.slot.start()
+    assert w.proc.worker is EXPORT.primary
+    for _ in range(6):  # well past flap_threshold: there is nothing to flap into
+        w.exit(1)
+        assert w.state() is State.BACKOFF
+        w.advance(w.last(K.WORKER_RESTARTING)["delay_s"] + 0.01)
+        assert w.state() is State.STARTING and w.proc.worker is EXPORT.primary
+    assert K.WORKER_FALLBACK not in w.kinds()
+    assert not w.slot.on_fallback and w.slot.view()["degraded"] is False
+
+
+def test_a_family_without_fallback_is_unavailable_on_77_and_reprobed_later() -> None:
+    w = World(family=EXPORT, primary_ok=False)
+    w.slot.start()
+    assert w.proc.worker is EXPORT.primary  # started anyway: only the worker can tell
+    w.exit(exitcodes.EX_NOPERM, reason="nats-py is not installed")
+    assert w.state() is State.UNAVAILABLE and K.WORKER_FALLBACK not in w.kinds()
+    failed = w.last(K.WORKER_FAILED)
+    assert "nats-py is not installed" in failed["reason"] and failed["retry_in_s"] == 300.0
+    w.advance(299)
+    assert w.state() is State.UNAVAILABLE and len(w.procs) == 1
+    w.primary_ok = True
+    w.advance(1.01)
+    assert w.state() is State.STARTING and len(w.procs) == 2
+
+
+def test_a_family_without_fallback_fails_on_a_configuration_error_and_stays_down() -> None:
+    w = World(family=EXPORT)
+    w.slot.start()
+    w.ready()
+    w.exit(exitcodes.EX_CONFIG, reason="export.nats.stream: stream 'X' does not exist (create_stream: false)")
+    assert w.state() is State.FAILED
+    assert "export.nats.stream" in w.last(K.WORKER_FAILED)["reason"]
+    assert w.slot.next_deadline() is None
+    w.advance(3600)
+    assert w.state() is State.FAILED and len(w.procs) == 1

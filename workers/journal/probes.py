@@ -10,23 +10,12 @@ import stat
 from typing import Any
 
 from cnisup.protocol.settings import Config
-from cnisup.workers import privileges
-from cnisup.workers.probe import Probe
-
-
-def _may(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
-    """Does ``uid``/``gid`` have ``bits`` (rwx as 0o7) on this inode, by its mode?"""
-    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-    return (st.st_mode >> shift) & bits == bits
+from cnisup.workers.probe import Probe, may, workers_ids
 
 
 def _problem(path: str, cfg: Config) -> str | None:
     """Why the workers' user cannot create or write the journal at ``path``."""
-    if os.geteuid() == 0:
-        pw = privileges.workers_account(cfg.workers.user)[0]
-        uid, gid = pw.pw_uid, pw.pw_gid
-    else:
-        uid, gid = os.getuid(), os.getgid()
+    uid, gid = workers_ids(cfg)
     d = os.path.dirname(path)
     try:
         st = os.stat(d)
@@ -38,7 +27,7 @@ def _problem(path: str, cfg: Config) -> str | None:
         return f"{d}: {exc.strerror}"
     if not stat.S_ISDIR(st.st_mode):
         return f"{d} is not a directory"
-    if uid != 0 and not _may(st, uid, gid, 0o3):
+    if not may(st, uid, gid, 0o3):
         return f"{d} is not writable by uid {uid} (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
     for suffix in ("", "-wal", "-shm"):
         try:
@@ -47,7 +36,7 @@ def _problem(path: str, cfg: Config) -> str | None:
             continue
         except OSError as exc:
             return f"{path}{suffix}: {exc.strerror}"
-        if uid != 0 and not _may(fst, uid, gid, 0o6):
+        if not may(fst, uid, gid, 0o6):
             return f"{path}{suffix} is not writable by uid {uid} (owner {fst.st_uid})"
     return None
 

@@ -1,0 +1,295 @@
+"""Comparison 8: the export to NATS JetStream, on loopback nats-servers this
+module starts (one server for R1, a three-server cluster for R3).
+
+- throughput: a journal pre-filled with N events, drained by a real ``cnisup
+  start`` (journal + export) into R1 and into R3; the export worker's CPU per
+  1,000 events and its RSS;
+- lag: a publisher on the workers' own ``Bus`` at 1,000 events/s; an
+  ordered JetStream consumer (a thread of this process) takes each event's
+  arrival minus its ``ts``: bus -> journal commit -> export -> stream ->
+  consumer, with the journal's default batch interval (0.2 s) and with 20 ms;
+- catch-up: the same publisher at 1,000 events/s while every server of the
+  R3 cluster is down for 60 s (not in quick mode); the time from their restart to
+  the export being back at the live head, and from the stream accepting
+  writes again (JetStream 2.9 needs seconds to elect its leaders).
+
+Goals (issue 12): >= 10,000 events/s into R3; lag p99 < 50 ms at 1,000/s; a
+60 s outage at 1,000/s caught up within 10 s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cnisup.protocol import control, envelope
+from cnisup.workers.bus import Bus
+from cnisup.workers.journal.store import Store
+from tests.export import natsserver
+
+from .common import Instance, cpu_seconds_fine, paced, percentile, world_dir
+
+NAME = "export: journal -> JetStream"
+#: The export is "at the live head" when its oldest unsent event is younger than this (seconds).
+HEAD_S = 0.5
+PAYLOAD = {"family": "config", "worker": "inotify", "code": "bench", "message": "x" * 300}
+
+
+def _owned_journal_dir(base: Path) -> Path:
+    d = base / "journal"
+    d.mkdir()
+    if os.geteuid() == 0:  # the workers' user writes the journal and the cursor
+        try:
+            pw = pwd.getpwnam("cnisup")
+        except KeyError:
+            pw = pwd.getpwnam("nobody")
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    return d
+
+
+def _instance(base: Path, servers: list[str], *, replicas: int, batch_interval: float = 0.2) -> Instance:
+    return Instance(base, config={
+        "monitors": {"kernel": False, "k8s": False, "config": False},
+        "journal": {"enabled": True, "path": str(base / "journal" / "journal.db"), "batch_interval": batch_interval},
+        "export": {"enabled": True, "nats": {"servers": servers, "replicas": replicas, "max_bytes": "1GiB"}}})
+
+
+def _export(inst: Instance) -> dict[str, Any]:
+    """The export's status, asked in process: a ``cnisup status`` process per look would take
+    a good part of a core from what is measured."""
+    reply = control.request(f"ipc://{inst.base}/run/control.sock", "status", timeout_ms=5000)
+    worker: dict[str, Any] = next(w for w in reply["workers"] if w["family"] == "export")
+    return worker
+
+
+def _wait_caught_up(inst: Instance, timeout_s: float, *, least_acked: int = 0) -> float:
+    """Seconds until the export is at the head of the journal: its oldest unsent event (if any)
+    younger than HEAD_S. With events still arriving, "0 behind" is a matter of luck at the moment
+    of the look; being less than a batch interval and a round trip behind is not."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        info = _export(inst).get("info") or {}
+        age = info.get("oldest_unsent_age_s")
+        if info.get("state") == "connected" and info.get("acked", 0) >= least_acked and (age is None or age < HEAD_S):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise TimeoutError(f"export not caught up within {timeout_s} s: {_export(inst)}")
+
+
+def _prefill(path: Path, n: int) -> None:
+    st = envelope.Stamp("file-poll", "bench", envelope.new_incarnation())
+    store = Store(str(path), max_bytes=1 << 40, max_age_s=86400)
+    try:
+        for i in range(0, n, 2000):
+            batch = [st.build("monitor.warning", PAYLOAD) for _ in range(min(2000, n - i))]
+            store.write((e, json.dumps(e, separators=(",", ":"))) for e in batch)
+    finally:
+        store.close()
+    for p in path.parent.iterdir():
+        if os.geteuid() == 0:
+            os.chown(p, path.parent.stat().st_uid, path.parent.stat().st_gid)
+
+
+def _throughput(servers: list[str], replicas: int, n: int) -> dict[str, Any]:
+    base = world_dir("cnisup-bench-export-")
+    jdir = _owned_journal_dir(base)
+    _prefill(jdir / "journal.db", n)
+    inst = _instance(base, servers, replicas=replicas)
+    inst.start()
+    try:
+        worker = inst.wait_running("export")
+        cpu0 = cpu_seconds_fine(worker["pid"])
+        seconds = _wait_caught_up(inst, 300, least_acked=n)
+        cpu = cpu_seconds_fine(worker["pid"]) - cpu0
+        w = _export(inst)
+        return {"events": n, "seconds": seconds, "rate": n / seconds, "cpu_ms_per_1000": cpu / n * 1e6,
+                "rss": w["rss_bytes"], "duplicates": w["info"]["duplicates"]}
+    finally:
+        inst.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py's default error callback prints a traceback per failed attempt."""
+
+
+class _Consumer(threading.Thread):
+    """An ordered JetStream consumer: arrival time minus each event's ts."""
+
+    def __init__(self, servers: list[str], subject: str) -> None:
+        super().__init__(daemon=True)
+        self.servers, self.subject = servers, subject
+        self.lag_ms: list[float] = []
+        self.ready = threading.Event()
+        self.stop = False
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        import nats
+        from nats.js.api import DeliverPolicy
+
+        nc = await nats.connect(self.servers, error_cb=_quiet)
+        sub = await nc.jetstream().subscribe(self.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+        self.ready.set()
+        while not self.stop:
+            try:
+                m = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+            env = json.loads(m.data)
+            if env["kind"] == "monitor.warning":
+                self.lag_ms.append((time.time_ns() - env["ts"]) / 1e6)
+        await nc.close()
+
+
+def _lag(servers: list[str], seconds: float, batch_interval: float) -> dict[str, Any]:
+    base = world_dir("cnisup-bench-export-")
+    _owned_journal_dir(base)
+    inst = _instance(base, servers, replicas=3, batch_interval=batch_interval)
+    inst.start()
+    consumer = _Consumer(servers, "cnisup.bench.monitor.>")
+    try:
+        worker = inst.wait_running("export")
+        _wait_caught_up(inst, 60)
+        consumer.start()
+        consumer.ready.wait(10)
+        bus = Bus(inst.bus_endpoint, envelope.Stamp("file-poll", "bench", envelope.new_incarnation()))
+        bus.wait_ready(10)
+        cpu0 = cpu_seconds_fine(worker["pid"])
+        paced(bus, 1000, seconds, PAYLOAD)
+        _wait_caught_up(inst, 60)
+        cpu = cpu_seconds_fine(worker["pid"]) - cpu0
+        time.sleep(0.5)
+        bus.close(0)
+        lat = consumer.lag_ms
+        return {"batch_interval": batch_interval, "received": len(lat), "p50_ms": percentile(lat, 50),
+                "p99_ms": percentile(lat, 99), "max_ms": max(lat) if lat else None,
+                "cpu_ms_per_1000": cpu / max(len(lat), 1) * 1e6}
+    finally:
+        consumer.stop = True
+        inst.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _writable(servers: list[str], since: float) -> float:
+    """Seconds from ``since`` until the stream stores a message again (a probe subject of its own):
+    after a full restart JetStream 2.9 answers long before its stream has a leader."""
+    import nats
+
+    async def probe() -> float:
+        while True:
+            try:
+                nc = await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=1,
+                                        error_cb=_quiet)
+            except Exception:
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                while True:
+                    try:
+                        await nc.jetstream().publish("cnisup.bench-probe.probe", b"{}", timeout=1.0)
+                        return time.monotonic() - since
+                    except Exception:
+                        await asyncio.sleep(0.1)
+            finally:
+                await nc.close()
+
+    return asyncio.run(probe())
+
+
+def _catch_up(cluster: natsserver.Cluster, outage_s: float) -> dict[str, Any]:
+    base = world_dir("cnisup-bench-export-")
+    _owned_journal_dir(base)
+    inst = _instance(base, cluster.urls, replicas=3, batch_interval=0.02)
+    inst.start()
+    try:
+        inst.wait_running("export")
+        _wait_caught_up(inst, 60)
+        bus = Bus(inst.bus_endpoint, envelope.Stamp("file-poll", "bench", envelope.new_incarnation()))
+        bus.wait_ready(10)
+        stop = threading.Event()
+
+        def publish() -> None:
+            while not stop.is_set():
+                paced(bus, 1000, 1.0, PAYLOAD)
+
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        time.sleep(2)
+        cluster.stop()
+        time.sleep(outage_s)
+        behind = _export(inst)["info"]["behind"]
+        restarted = time.monotonic()
+        cluster.start()
+        writable_s = _writable(cluster.urls, restarted)
+        caught_up_s = _wait_caught_up(inst, 300) + writable_s
+        stop.set()
+        publisher.join()
+        bus.close(0)
+        return {"outage_s": outage_s, "behind_at_restart": behind, "stream_leader_s": writable_s,
+                "caught_up_s": caught_up_s, "after_leader_s": caught_up_s - writable_s}
+    finally:
+        inst.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if not natsserver.available():
+        return [{"name": NAME, "metric": "skipped: nats-server is not installed", "primary": None,
+                 "fallback": None, "ratio": None, "unit": "-"}], {}
+    base = world_dir("cnisup-bench-nats-")
+    n = 5_000 if quick else 60_000
+    details: dict[str, Any] = {}
+    try:
+        single = natsserver.single(base / "r1")
+        try:
+            details["r1"] = _throughput([single.url], 1, n)
+        finally:
+            single.kill()
+        cluster = natsserver.Cluster(base / "r3").start()
+        try:
+            cluster.wait_ready()
+            details["r3"] = _throughput(cluster.urls, 3, n)
+            details["lag"] = [_lag(cluster.urls, 3 if quick else 30, b) for b in (0.2, 0.02)]
+            # Quick mode skips it: a full restart of R3 alone takes 4-24 s before the stream takes writes.
+            details["catch_up"] = None if quick else _catch_up(cluster, 60)
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    r1, r3, lag, cu = details["r1"], details["r3"], details["lag"], details["catch_up"]
+
+    def one(metric: str, value: Any, unit: str, note: str | None = None) -> dict[str, Any]:
+        return {"name": NAME, "metric": metric, "primary": value, "fallback": None, "ratio": None, "unit": unit,
+                "note": note}
+
+    rows = [
+        one("throughput into R1 (drain of a full journal)", r1["rate"], "events/s"),
+        one("throughput into R3 (goal >= 10,000)", r3["rate"], "events/s",
+            "3 servers, the worker and this benchmark share 2 cores"),
+        one("export worker CPU per 1,000 events (R3 drain)", r3["cpu_ms_per_1000"], "ms"),
+        one("export worker RSS", r3["rss"], "bytes"),
+    ]
+    for lg in lag:
+        label = f"journal.batch_interval {lg['batch_interval'] * 1000:g} ms"
+        rows += [one(f"lag bus -> JetStream consumer at 1,000/s, p50 ({label})", lg["p50_ms"], "ms"),
+                 one(f"lag bus -> JetStream consumer at 1,000/s, p99 ({label}; goal < 50)", lg["p99_ms"], "ms"),
+                 one(f"export worker CPU per 1,000 events at 1,000/s ({label})", lg["cpu_ms_per_1000"], "ms")]
+    if cu is None:
+        rows.append(one("catch-up after a 60 s outage of all R3 servers: not run in quick mode", None, "s"))
+    else:
+        rows += [
+            one(f"catch-up after a {cu['outage_s']:g} s outage of all R3 servers at 1,000/s, from their restart "
+                "(goal 10 s)", cu["caught_up_s"], "s",
+                f"{cu['behind_at_restart']} behind; the stream took writes again after {cu['stream_leader_s']:.1f} s"),
+            one("... of which after the stream accepted writes again", cu["after_leader_s"], "s"),
+        ]
+    return rows, details

@@ -1,0 +1,1 @@
+"""Export family: the journal, from a persisted cursor, into NATS JetStream."""
