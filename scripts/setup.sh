@@ -14,6 +14,7 @@ APT_PACKAGES=(
   containernetworking-plugins iproute2 strace procps
   linux-headers-amd64
   python3-matplotlib
+  gcc libc6-dev
 )
 
 need_apt=()
