@@ -15,6 +15,7 @@ APT_PACKAGES=(
   linux-headers-amd64
   python3-matplotlib
   gcc libc6-dev
+  podman runc
 )
 
 need_apt=()
