@@ -175,7 +175,8 @@ class WriteCapture:
         self.detach_at: float | None = None
         self._detacher: threading.Thread | None = None
         self._lock = threading.Lock()  #: BCC's tracepoint bookkeeping is shared with the detacher
-        self.counts = {"write_attaches": 0, "write_detaches": 0}
+        self.counts = {"write_attaches": 0, "write_detaches": 0, "write_attach_errors": 0}
+        self.error: str | None = None  #: why the last attach failed
 
     def need(self) -> int | None:
         """A run is alive: make sure writes are captured; returns since when (boot ns)."""
@@ -186,10 +187,15 @@ class WriteCapture:
             self._detacher.join()  # the kernel would make the attach wait for it anyway
             self._detacher = None
         if self.since_ns is None:
-            with self._lock:
-                # BCC 0.26 keys attachments by tracepoint: a second attach would
-                # orphan the first, still live. since_ns guards that.
-                self.bpf.attach_tracepoint(tp=WRITE_TP, fn_name=WRITE_FN)
+            try:
+                with self._lock:
+                    # BCC 0.26 keys attachments by tracepoint: a second attach would
+                    # orphan the first, still live. since_ns guards that.
+                    self.bpf.attach_tracepoint(tp=WRITE_TP, fn_name=WRITE_FN)
+            except Exception as exc:  # BCC raises bare Exception; the run is reported without its output
+                self.counts["write_attach_errors"] += 1
+                self.error = str(exc)[:200]
+                return None
             self.since_ns = boot_ns()
             self.counts["write_attaches"] += 1
         return self.since_ns
@@ -372,6 +378,10 @@ class LeanCapture(RingConsumer):
         since = self.writes.need()
         if since is None:
             r.output_seen = False
+            if self.writes.error is not None:  # said once per failure, not per run
+                self.ctx.warn("write_capture_failed", f"stdout/stderr of plugin runs are not captured: cannot "
+                              f"attach {WRITE_TP.decode()}: {self.writes.error}")
+                self.writes.error = None
         elif since > key:
             r.output_since_ms = round((since - key) / 1e6, 3)
         self.runs[key] = r
@@ -426,8 +436,8 @@ class LeanCapture(RingConsumer):
         if r.output_since_ms is not None:
             data["output_since_ms"] = r.output_since_ms
         env = r.run.env
-        if env.get("CNI_COMMAND") == "DEL" and r.run.parent_run is None and env.get("CNI_NETNS"):
-            self.net.close_path(env["CNI_NETNS"])  # the runtime is done with it; a socket would pin it
+        if env.get("CNI_COMMAND") == "DEL" and r.run.parent_run is None and r.netns_inode:
+            self.net.close_inode(r.netns_inode)  # the runtime is done with it; a socket would pin it
         missed = (code == 0 and env.get("CNI_COMMAND") == "ADD" and "result" not in data and not r.run.stdout
                   and (r.output_since_ms is not None or not r.output_seen))
         if missed:

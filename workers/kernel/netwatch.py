@@ -321,6 +321,10 @@ class NetnsWatcher:
         lst.sock.close()
         self.counts["listeners_closed"] += 1
 
+    def close_inode(self, inode: int) -> None:
+        if (lst := self.by_inode.get(inode)) is not None:
+            self.close(lst)
+
     def close_path(self, path: str) -> None:
         for lst in [x for x in self.by_inode.values() if x.path == path]:
             self.close(lst)
@@ -347,6 +351,12 @@ class NetnsWatcher:
                 pass
             for path in list(self.pending):
                 self.watch(path)
+            # A namespace bound elsewhere than the pin dirs (a runtime's own
+            # dir): unmounted means done with; the socket must not keep it alive.
+            for lst in list(self.by_inode.values()):
+                if lst.path and os.path.dirname(lst.path) not in NETNS_DIRS and lst.path.startswith("/") \
+                        and not lst.path.startswith("/proc/") and not path_is_nsfs(lst.path):
+                    self.close(lst)
             return True
         return False
 
