@@ -65,7 +65,7 @@ class Plan:
 QUICK = Plan(idle_s=10.0, steady_rate=5.0, steady_pods=25, alive=5, burst_pods=30, burst_parallel=4,
              rounds=3, scale=0.45, idle_all_s=20.0)
 FULL = Plan(idle_s=60.0, steady_rate=5.0, steady_pods=300, alive=10, burst_pods=200, burst_parallel=4,
-            rounds=8, scale=0.5, idle_all_s=120.0)
+            rounds=10, scale=0.6, idle_all_s=120.0)
 #: Fields of cni.plugin.finished that every run must have, and those only some can.
 ALWAYS = ("command", "container_id", "netns", "ifname", "cni_args", "exit_code", "duration_ms")
 
