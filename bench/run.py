@@ -3,7 +3,7 @@ docs/BENCHMARKS.md with one plot per comparison.
 
 Each comparison runs the primary and the fallback worker under the same load
 in the same run; numbers are ratios measured side by side, so they mean
-something on a noisy machine. ``--quick`` shortens every phase (< 3 min)."""
+something on a noisy machine. ``--quick`` shortens every phase (about 3 min on a quiet 2-core VM)."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def plot(details: dict[str, Any], out_dir: Path) -> dict[str, str]:
         if "overhead" in d and "skipped" not in d["overhead"]:
             fig, ax = plt.subplots(figsize=(10, 4))
             data, labels = [], []
-            for mode in ("none", "lean", "full"):
+            for mode in [m for m in ("none", "lean", "full") if m in d["overhead"]]:
                 pairs = d["overhead"][mode]["pairs"]
                 for loop in ("read", "getpid", "sendto"):
                     data.append([p["on"][f"{loop}_ns"] / p["off"][f"{loop}_ns"] for p in pairs] or [float("nan")])

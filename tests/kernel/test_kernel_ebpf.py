@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import pwd
+import select
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ from kernel_support import (
     stop_module_worker,
 )
 
-from cnisup.workers.kernel import lean
+from cnisup.workers.kernel import lean, netwatch
 from cnisup.workers.privileges import Identity
 
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
@@ -437,3 +438,30 @@ def test_latency_from_kernel_to_bus(ebpf: WorkerRun, bin_dir: Path) -> None:
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
     measure("finished_latency_ms", {"p50": round(p50, 2), "p99": round(p99, 2), "max": round(latencies[-1], 2)})
     assert p99 < 250  # design target 50 ms at normal rates; loose for loaded CI hosts
+
+
+def test_pin_dir_made_later_is_watched(tmp_path: Path) -> None:
+    """A node where no namespace was pinned yet has no pin dir: the watcher
+    waits for it, then sees a namespace bound there (unshare --net=FILE, as
+    `ip netns add` does) and opens a listener inside it."""
+    pins = tmp_path / "run" / "netns"
+    (tmp_path / "run").mkdir()
+    epoll = select.epoll()
+    watcher = netwatch.NetnsWatcher(epoll, dirs=(str(pins),))
+    pin = pins / "late"
+    try:
+        assert watcher.watched_dirs == []
+        pins.mkdir()
+        pin.touch()
+        subprocess.run(["unshare", f"--net={pin}", "true"], check=True)
+        deadline = time.monotonic() + 5
+        while watcher.by_inode.get(pin.stat().st_ino) is None and time.monotonic() < deadline:
+            for fd, _ in epoll.poll(0.2):
+                watcher.on_ready(fd)
+        lst = watcher.by_inode.get(pin.stat().st_ino)
+        assert lst is not None and watcher.home is not None
+        assert lst.path == str(pin) and lst.cookie != watcher.home.cookie
+    finally:
+        watcher.close_all()
+        epoll.close()
+        subprocess.run(["umount", str(pin)], check=False)

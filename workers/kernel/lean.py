@@ -80,6 +80,7 @@ RESULT_CACHE_DIR = "/var/lib/cni/results"
 #: How long a finished ADD whose result was missed waits for the runtime to cache
 #: it: libcni writes it after the chain's last plugin.
 RESULT_CACHE_WAIT_S = 2.0
+CACHE_POLL_S = 0.05
 #: Finished runs kept for attributing changes read after their exit.
 RECENT_S = 2.0
 #: Namespaces already reported (by cookie), at most.
@@ -319,7 +320,8 @@ class LeanCapture(RingConsumer):
     def _next_deadline(self) -> float | None:
         """The earliest thing due, in monotonic seconds; None: nothing is."""
         due = [d for d in (self.writes.detach_at, self.net.pending_deadline()) if d is not None]
-        due += [at for at, _, _ in self.holding]
+        if self.holding:  # looked for every CACHE_POLL_S until its deadline
+            due.append(min(min(at for at, _, _ in self.holding), time.monotonic() + CACHE_POLL_S))
         if self.runs:
             due.append(min(self._reap_at(r) for r in self.runs.values()))
         if self.recent:

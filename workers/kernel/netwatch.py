@@ -11,7 +11,8 @@ proxy process per namespace; a few dozen lines of parsing are enough.
 
 Which namespaces: the worker's own (the host's), every pin file in
 ``/run/netns`` and ``/var/run/netns`` (inotify; a pin is an empty file until
-its bind mount lands, which ``/proc/self/mountinfo`` announces with POLLPRI),
+its bind mount lands, which ``/proc/self/mountinfo`` announces with POLLPRI;
+a pin dir that does not exist yet is awaited in its parent),
 and whatever path a run's ``CNI_NETNS`` names (``watch``). A listener asks
 for a dump of links and addresses when it opens, so one that opens after a
 plugin's first change still learns the state. A socket pins its namespace,
@@ -244,17 +245,29 @@ class NetnsWatcher:
         fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.wd: dict[int, str] = {}
+        self.wd: dict[int, str] = {}  #: a pin dir's watch -> its path
+        self.parents: dict[int, tuple[str, set[str]]] = {}  #: a parent's watch -> (path, pin dirs awaited in it)
         for d in dirs:
-            os.makedirs(d, exist_ok=True)  # as `ip netns add` would; watched from now on
             real = os.path.realpath(d)
-            if real in self.wd.values():
-                continue  # /var/run -> /run
-            wd = _libc.inotify_add_watch(fd, real.encode(),
-                                         IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_ONLYDIR)
+            if os.path.isdir(real):
+                self._watch_dir(fd, real)
+                continue
+            # Made by the first `ip netns add`; we do not make it (/run may be read-only to us).
+            parent, name = os.path.split(real)
+            wd = _libc.inotify_add_watch(fd, parent.encode(), IN_CREATE | IN_MOVED_TO | IN_ONLYDIR)
             if wd >= 0:
-                self.wd[wd] = real
+                self.parents.setdefault(wd, (parent, set()))[1].add(name)
         return fd
+
+    def _watch_dir(self, fd: int, real: str) -> bool:
+        if real in self.wd.values():
+            return False  # /var/run -> /run
+        wd = _libc.inotify_add_watch(fd, real.encode(), IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM
+                                     | IN_ONLYDIR)
+        if wd < 0:
+            return False
+        self.wd[wd] = real
+        return True
 
     @property
     def watched_dirs(self) -> list[str]:
@@ -370,7 +383,15 @@ class NetnsWatcher:
             wd, mask, _cookie, ln = INOTIFY_EVENT.unpack_from(buf, off)
             name = buf[off + INOTIFY_EVENT.size:off + INOTIFY_EVENT.size + ln].split(b"\0", 1)[0]
             off += INOTIFY_EVENT.size + ln
-            if wd not in self.wd or not name:
+            if not name:
+                continue
+            if wd in self.parents and os.fsdecode(name) in self.parents[wd][1]:
+                real = os.path.join(self.parents[wd][0], os.fsdecode(name))
+                if self._watch_dir(self.ino_fd, real):  # the pin dir appeared: watch it, and what is in it
+                    for entry in sorted(os.listdir(real)):
+                        self.watch(os.path.join(real, entry))
+                continue
+            if wd not in self.wd:
                 continue
             path = os.path.join(self.wd[wd], os.fsdecode(name))
             if mask & (IN_CREATE | IN_MOVED_TO):
