@@ -455,6 +455,7 @@ def _overhead_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
     for mode in [m for m in kernel_overhead.MODES if m in o]:
         m = o[mode]
         what = {"none": "control: cnisup without the kernel family", "lean": "kernel.capture lean (default)",
+                "lean-run": "lean while a plugin runs (write tracepoint attached)",
                 "full": "kernel.capture full"}[mode]
         if not m["summary"]:
             rows.append({"name": NAME_OVERHEAD, "metric": f"{what}: no valid round ({len(m['void'])} voided)",

@@ -36,7 +36,10 @@ from .common import Instance
 SOURCE = Path(__file__).with_name("syscall_loops.c")
 LOOPS = ("read", "getpid", "sendto", "fork")
 #: none: the A/A control (a cnisup without the kernel family): the noise floor of the method.
-MODES = ("none", "lean", "full")
+#: lean-run: lean while a plugin run is alive (its write tracepoint attached): the cost during CNI activity.
+MODES = ("none", "lean", "lean-run", "full")
+#: The plugin kept alive during lean-run: a script in the bin dir that waits.
+HOLD_PLUGIN = "cnisup-bench-hold"
 #: The pinned CPU: the last one (CPU 0 takes most of a small VM's interrupts).
 CPU = str((os.cpu_count() or 1) - 1)
 #: BPF program types that run on a traced task's path (include/uapi/linux/bpf.h).
@@ -170,6 +173,7 @@ def run_mode(mode: str, *, binary: Path, instance: Instance, rounds: int, scale:
             break
         got: dict[str, dict[str, float]] = {}
         why: str | None = None
+        hold: subprocess.Popen[bytes] | None = None
         for phase in ("off", "on") if k % 2 == 0 else ("on", "off"):
             if phase == "off":
                 value, reason = _measure(binary, scale, set())
@@ -180,10 +184,14 @@ def run_mode(mode: str, *, binary: Path, instance: Instance, rounds: int, scale:
                     if mode != "none" and w["worker"] != "ebpf":
                         raise RuntimeError(f"ebpf did not run: {w.get('fallback_reason')}")
                     time.sleep(SETTLE_S)
+                    hold = _hold_run(instance) if mode == "lean-run" else None
                     own = held_programs(int(w["pid"]))
                     res.programs = len(own & set(tracing_programs()))
                     value, reason = _measure(binary, scale, own)
                 finally:
+                    if hold is not None:
+                        hold.kill()
+                        hold.wait()
                     instance.stop()
                 time.sleep(1.0)  # its exit (and the programs' detach) is over before the next off
             why = why or reason
@@ -196,19 +204,37 @@ def run_mode(mode: str, *, binary: Path, instance: Instance, rounds: int, scale:
     return res
 
 
+def _hold_run(instance: Instance) -> subprocess.Popen[bytes]:
+    """A plugin run that stays alive, and the worker's write tracepoint attached for it."""
+    bin_dir = Path(instance.config["cni"]["bin_dirs"][0])
+    hold = subprocess.Popen([str(bin_dir / HOLD_PLUGIN)], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        w = next(w for w in instance.status()["workers"] if w["family"] == "kernel")
+        if (w.get("info") or {}).get("write_attached"):
+            return hold
+        time.sleep(0.1)
+    hold.kill()
+    raise RuntimeError("the write tracepoint was not attached for a live plugin run")
+
+
 def measure(base: Path, bin_dir: Path, *, rounds: int, scale: float,
             modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     binary = build(base)
     if binary is None:
         return {"skipped": "no gcc: the syscall loops are C (scripts/setup.sh installs it)"}
     out: dict[str, Any] = {"cpu": CPU, "scale": scale}
+    hold = bin_dir / HOLD_PLUGIN
+    hold.write_text("#!/bin/sh\nexec sleep 600\n")
+    hold.chmod(0o755)
     for mode in modes:
         d = base / f"overhead-{mode}"
         d.mkdir()
         d.chmod(0o755)
         kernel = mode != "none"
         inst = Instance(d, config={"monitors": {"kernel": kernel, "config": not kernel, "k8s": False},
-                                   "kernel": {"capture": "lean" if mode == "none" else mode},
+                                   "kernel": {"capture": "full" if mode == "full" else "lean"},
                                    "cni": {"bin_dirs": [str(bin_dir)], "conf_dirs": [str(base / "net.d")]}})
         res = run_mode(mode, binary=binary, instance=inst, rounds=rounds, scale=scale)
         out[mode] = {"pairs": [{"on": p.on, "off": p.off} for p in res.pairs], "void": res.void,
