@@ -504,10 +504,22 @@ class LeanCapture(RingConsumer):
 
     # -- links and addresses -----------------------------------------------------------
     def _netlink(self) -> None:
-        batch = [(lst, since, c) for lst, since, c in self.net.drain()]
-        for lst, since, c in batch:
+        batch: list[tuple[netwatch.Listener, int, netwatch.Change, dict[str, Any] | None]] = []
+        for lst, since, c in self.net.drain():
+            before = None
             if c.kind == "link":
-                self._on_link(lst, since, c)
+                idx = c.data["ifindex"]
+                before = lst.links.get(idx)
+                if c.deleted:
+                    lst.links.pop(idx, None)
+                else:
+                    lst.links[idx] = {**c.data, "_link": c.link, "_nsid": c.link_netnsid}
+            batch.append((lst, since, c, before))
+        # Published once the whole batch is in the state: a veth's two halves
+        # come on two sockets, and an address may name a link read after it.
+        for lst, since, c, before in batch:
+            if c.kind == "link":
+                self._on_link(lst, since, c, before)
             else:
                 self._on_addr(lst, since, c)
 
@@ -535,14 +547,10 @@ class LeanCapture(RingConsumer):
         self.counts["netlink_events"] += 1
         self.ctx.publish(kind, out)
 
-    def _on_link(self, lst: netwatch.Listener, since: int, c: netwatch.Change) -> None:
+    def _on_link(self, lst: netwatch.Listener, since: int, c: netwatch.Change,
+                 before: dict[str, Any] | None) -> None:
         d = c.data
         idx = d["ifindex"]
-        before = lst.links.get(idx)
-        if c.deleted:
-            lst.links.pop(idx, None)
-        else:
-            lst.links[idx] = {**d, "_link": c.link, "_nsid": c.link_netnsid}
         if c.dump and lst.opened_ns <= min((r.exec_ns for r in self._candidates(lst, since)), default=lst.opened_ns):
             return  # the state before any run here: not a change
         if d.pop("loopback", False) and c.dump:
