@@ -32,6 +32,7 @@ with a timeout to its next deadline, and none while nothing is due.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -286,6 +287,11 @@ class LeanCapture(RingConsumer):
         self._table.open_ring_buffer(self._on_event)
         ring_fd = self._table.map_fd  # readable when records wait (the ring buffer's own poll)
         self.epoll.register(ring_fd, select.EPOLLIN)
+        # What is loaded by now (BCC, its tables, the modules) lives as long as the
+        # worker: out of the collector's reach, a full collection stays short
+        # instead of pausing event delivery for tens of milliseconds.
+        gc.collect()
+        gc.freeze()
         try:
             while not ctx.stopping:
                 deadline = self._next_deadline()
