@@ -60,7 +60,8 @@ OPTIONAL: dict[str, tuple[tuple[str, ...], str]] = {
 #: Measured on a 2-core VM, kernel 6.18 (``make bench``: interleaved rounds, thread CPU time).
 TAX = {"lean": "none measurable: sched/task tracepoints fire per exec, fork and exit, never per syscall; "
                "sys_enter_write only while a plugin runs",
-       "full": "every syscall of every process pays for it: read() x2.5, getpid() x1.4, sendto() x1.1 per call"}
+       "full": "every syscall of every process pays for it: read() x2.4-3.0, getpid() x1.5-1.9, sendto() "
+               "x1.1-1.3 per call"}
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 _NR_BPF = {"x86_64": 321, "aarch64": 280}

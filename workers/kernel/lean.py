@@ -299,7 +299,7 @@ class LeanCapture(RingConsumer):
                 if ctx.wait([self.epoll.fileno()], timeout_s=timeout):
                     self._on_ready({fd for fd, _ in self.epoll.poll(0)}, ring_fd)
                 self._due()
-                ctx.set_info(runs_active=len(self.runs), listeners=len(self.net.by_inode),
+                ctx.set_info(runs_active=len(self.runs), listeners=len(self.net.by_inode), kernel_events=self._seen,
                              write_attached=self.writes.since_ns is not None,
                              **self.counts, **self.writes.counts, **self.net.counts)
             self.bpf.ring_buffer_consume()

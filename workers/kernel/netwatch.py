@@ -229,7 +229,8 @@ class NetnsWatcher:
         self.by_fd: dict[int, Listener] = {}
         self.by_inode: dict[int, Listener] = {}
         self.pending: dict[str, float] = {}  #: pin file seen, bind mount not yet -> since (monotonic)
-        self.counts = {"listeners_opened": 0, "listeners_closed": 0, "listener_errors": 0, "netlink_overruns": 0}
+        self.counts = {"listeners_opened": 0, "listeners_closed": 0, "listener_errors": 0, "netlink_overruns": 0,
+                       "netlink_messages": 0}
         self.opened: list[Listener] = []  #: opened since the last ``take_opened``
         self.home = self._open(self.home_fd, None)
         self.ino_fd = self._inotify(dirs)
@@ -427,6 +428,7 @@ class NetnsWatcher:
                 lst.drained_ns = now
                 return
             changes, done = parse(buf)
+            self.counts["netlink_messages"] += len(changes)
             for c in changes:
                 yield lst, since, c
             for seq in done:
