@@ -69,10 +69,12 @@ WRITE_TP = b"syscalls:sys_enter_write"
 WRITE_FN = b"lean_write"
 
 #: The write tracepoint stays attached this long after the last run ended:
-#: detaching takes 50-100 ms (the kernel's tracepoint_synchronize_unregister
-#: under event_mutex) and an attach meanwhile waits for it, so detaching
-#: after every run would miss the next run's output in a burst.
-WRITE_HOLD_S = 1.5
+#: detaching takes 50-300 ms (the kernel's tracepoint_synchronize_unregister
+#: under event_mutex) and an attach meanwhile waits for it, so a run that
+#: starts then is seen late and a short plugin's output is missed. A longer
+#: hold makes that rarer (runs further apart than this, landing in the detach)
+#: at the price of the tracing slow path for every syscall during the hold.
+WRITE_HOLD_S = 5.0
 #: A live run whose process is gone without its exit event (lost to a full
 #: ring buffer) is looked for this long after its start, and again as often.
 REAP_AFTER_S = 5.0
@@ -246,6 +248,16 @@ class LeanCapture(RingConsumer):
         if self.net.home is not None:
             self._report(self.net.home.cookie)  # the host's own
         self.writes = WriteCapture(self.bpf, enabled=self._write_ok)
+        self._table.open_ring_buffer(self._on_event)
+        self.ring_fd: int = self._table.map_fd  # readable when records wait (the ring buffer's own poll)
+        self.epoll.register(self.ring_fd, select.EPOLLIN)
+        # What is loaded by now (BCC, its tables, the modules) lives as long as the
+        # worker: out of the collector's reach, a full collection stays short
+        # instead of pausing event delivery for tens of milliseconds. Done
+        # before ready: the first run's exec must be read at once (its output
+        # is captured from then on).
+        gc.collect()
+        gc.freeze()
         ctx.set_info(start_s=round(time.monotonic() - t0, 3))
 
     # -- the BPF program -------------------------------------------------------------
@@ -284,14 +296,7 @@ class LeanCapture(RingConsumer):
             ctx.warn(code, message)
         for lst in self.net.take_opened():
             self._netns_pinned(lst, announce=False)  # the state at start: not news
-        self._table.open_ring_buffer(self._on_event)
-        ring_fd = self._table.map_fd  # readable when records wait (the ring buffer's own poll)
-        self.epoll.register(ring_fd, select.EPOLLIN)
-        # What is loaded by now (BCC, its tables, the modules) lives as long as the
-        # worker: out of the collector's reach, a full collection stays short
-        # instead of pausing event delivery for tens of milliseconds.
-        gc.collect()
-        gc.freeze()
+        ring_fd = self.ring_fd
         try:
             while not ctx.stopping:
                 deadline = self._next_deadline()
