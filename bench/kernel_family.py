@@ -10,10 +10,11 @@ says it was skipped).
    way, the baseline of the reference guide's "100x less CPU"). For each:
    runs seen / runs made, CPU per idle minute and per 1,000 runs made
    (``/proc/<pid>``: threads' schedstat plus reaped children).
-2. Overhead on unrelated work: a C ``sendto`` loop and ``ip addr`` in a
-   shell loop (fork + exec + netlink), timed with no kernel worker, with the
-   ebpf worker loaded, and with none again (off rounds bracket the on rounds
-   so drift shows)."""
+   Per field of ``cni.plugin.finished``, how often ebpf filled it in.
+2. Overhead on unrelated work, per capture mode (``kernel_overhead``).
+3. Idle: the CPU and wake-ups of every process of one ``cnisup start``
+   (production preset, every family) over a quiet stretch, per hour; the
+   kernel worker's RSS and start-to-ready."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import threading
 import time
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import kernel_overhead
 from .common import Instance, Listener, cpu_seconds_fine, percentile, row, rss_bytes, world_dir
 
 REFERENCE_DIR = Path("/usr/lib/cni")
@@ -45,26 +46,9 @@ POLL_INTERVAL_S = 5.0  #: proc-poll at its production interval
 PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
 NAME_CHURN = "kernel family: ebpf vs proc-poll, pod churn"
 NAME_PS = "kernel family: ebpf vs `ps aux` every 5 s (seed baseline)"
-NAME_OVERHEAD = "kernel overhead on unrelated work: ebpf loaded vs none"
-
-C_LOOP = r"""
-#include <arpa/inet.h>
-#include <stdlib.h>
-#include <sys/socket.h>
-int main(int argc, char **argv) {
-    long n = atol(argv[1]);
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    char buf[64] = {0};
-    for (long i = 0; i < n; i++)
-        sendto(s, buf, sizeof(buf), 0, (struct sockaddr *)&a, sizeof(a));
-    return 0;
-}
-"""
-PY_LOOP = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nb=bytes(64)\n"
-           "a=('127.0.0.1',int(sys.argv[2]))\nfor _ in range(int(sys.argv[1])): s.sendto(b,a)\n")
-
+NAME_OVERHEAD = "kernel overhead on unrelated work (syscall loops, thread CPU time)"
+NAME_FILL = "kernel family: fields of cni.plugin.finished filled in the churn (ebpf, lean)"
+NAME_IDLE = "idle and footprint: every cnisup process"
 
 @dataclass(frozen=True)
 class Plan:
@@ -74,15 +58,17 @@ class Plan:
     alive: int  #: pods alive at once in the steady phase (each deleted this many ticks after its ADD)
     burst_pods: int
     burst_parallel: int
-    rounds: int  #: overhead rounds per state (off, on, off)
-    sendto_calls: int
-    ip_execs: int
+    rounds: int  #: valid off/on pairs per capture mode
+    scale: float  #: of the syscall loops (1.0: 1M read, 1M getpid, 300k sendto, 1k fork)
+    idle_all_s: float  #: quiet stretch over which every cnisup process's CPU is measured
 
 
-QUICK = Plan(idle_s=10.0, steady_rate=5.0, steady_pods=25, alive=5, burst_pods=30, burst_parallel=4,
-             rounds=3, sendto_calls=150_000, ip_execs=300)
+QUICK = Plan(idle_s=5.0, steady_rate=5.0, steady_pods=25, alive=5, burst_pods=30, burst_parallel=4,
+             rounds=1, scale=0.3, idle_all_s=5.0)
 FULL = Plan(idle_s=60.0, steady_rate=5.0, steady_pods=300, alive=10, burst_pods=200, burst_parallel=4,
-            rounds=9, sendto_calls=300_000, ip_execs=1000)
+            rounds=10, scale=0.6, idle_all_s=120.0)
+#: Fields of cni.plugin.finished that every run must have, and those only some can.
+ALWAYS = ("command", "container_id", "netns", "ifname", "cni_args", "exit_code", "duration_ms")
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -103,7 +89,8 @@ class Pods:
 
     def _plugin(self, cid: str, command: str) -> None:
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": f"/var/run/netns/{cid}",
-               "CNI_IFNAME": "eth0", "CNI_PATH": str(self.bin_dir), "PATH": PATH_ENV}
+               "CNI_IFNAME": "eth0", "CNI_PATH": str(self.bin_dir), "PATH": PATH_ENV,
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={cid}"}
         p = subprocess.run([str(self.bin_dir / "bridge")], input=self.conf, env=env, capture_output=True,
                            timeout=30, check=False)
         if p.returncode != 0:
@@ -176,6 +163,20 @@ class Collector(threading.Thread):
                 for _, e in self.got if e["kind"] in kinds
                 for d in (e["data"],) if str(d.get("container_id", "")).startswith(prefix)}
 
+    def fill_rates(self, prefix: str) -> dict[str, Any]:
+        """Per field of cni.plugin.finished, the fraction of runs that had it;
+        result/error over ADDs only (a DEL prints nothing)."""
+        done = [e["data"] for _, e in self.got if e["kind"] == "cni.plugin.finished"
+                and str(e["data"].get("container_id", "")).startswith(prefix)]
+        adds = [d for d in done if d.get("command") == "ADD"]
+        rates: dict[str, Any] = {"runs": len(done), "adds": len(adds)}
+        for f in ALWAYS:
+            rates[f] = sum(f in d for d in done) / len(done) if done else None
+        for f in ("result", "error", "output_since_ms", "truncated"):
+            rates[f"{f} (ADD)"] = sum(f in d for d in adds) / len(adds) if adds else None
+        rates["result or error (ADD)"] = sum("result" in d or "error" in d for d in adds) / len(adds) if adds else None
+        return rates
+
     def exit_latencies_ms(self, prefix: str) -> list[float]:
         return [(at - e["ts"] / 1e9) * 1000 for at, e in self.got if e["kind"] == "cni.plugin.finished"
                 and str(e["data"].get("container_id", "")).startswith(prefix)]
@@ -217,63 +218,8 @@ class PsAux(threading.Thread):
         self.join(5)
 
 
-# -- overhead on unrelated work ------------------------------------------------------------
-
-@dataclass
-class Loops:
-    sendto: list[str]
-    language: str
-    port: int
-    plan: Plan
-    disturbed: int = 0
-
-    def sendto_s(self) -> float:
-        t0 = time.perf_counter()
-        subprocess.run([*self.sendto, str(self.plan.sendto_calls), str(self.port)], check=True)
-        return time.perf_counter() - t0
-
-    def ip_s(self) -> float:
-        script = f'i=0; while [ "$i" -lt {self.plan.ip_execs} ]; do ip addr show >/dev/null; i=$((i+1)); done'
-        t0 = time.perf_counter()
-        subprocess.run(["sh", "-c", script], check=True)
-        return time.perf_counter() - t0
-
-    def rounds(self, out: dict[str, list[float]], *, ours: int) -> None:
-        """``plan.rounds`` of each loop; ``disturbed`` counts ebpf workers
-        not ours (``ours``: how many of the ones running are ours)."""
-        for _ in range(self.plan.rounds):
-            self.disturbed = max(self.disturbed, ebpf_workers() - ours)
-            out["sendto"].append(self.sendto_s())
-            out["ip"].append(self.ip_s())
-        self.disturbed = max(self.disturbed, ebpf_workers() - ours)
-
-
-def ebpf_workers() -> int:
-    """ebpf workers running on this host. Others than ours (another cnisup,
-    a test run) tax every process with their tracepoints: "off" is not off."""
-    n = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"ebpf" in argv and any(a.endswith(b".workers") for a in argv):
-                n += 1
-    return n
-
-
 class Unavailable(Exception):
     """The worker to measure does not run on this host."""
-
-
-def _build_sendto(tmp: Path) -> tuple[list[str], str]:
-    if shutil.which("gcc"):
-        (tmp / "loop.c").write_text(C_LOOP)
-        subprocess.run(["gcc", "-O2", "-o", str(tmp / "loop"), str(tmp / "loop.c")], check=True)
-        return [str(tmp / "loop")], "C"
-    return [shutil.which("python3") or "python3", "-c", PY_LOOP], "Python"
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -308,36 +254,106 @@ def _start(inst: Instance, worker: str) -> tuple[Listener, Collector, dict[str, 
     return listener, collector, w, at - t0
 
 
+def _ctx_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all of ``pid``'s threads: its wake-ups."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f
+                             if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class HostChanges:
+    """Link and address notifications in the host's namespace over a span
+    (other tenants of a shared host make them; each wakes the kernel worker)."""
+
+    GROUPS = 1 | 1 << 4 | 1 << 8  #: RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR
+
+    def __enter__(self) -> HostChanges:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((0, self.GROUPS))
+        self.count = 0
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        while True:
+            try:
+                buf = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: more than the buffer held
+                continue
+            off = 0
+            while off + 16 <= len(buf):
+                ln = int.from_bytes(buf[off:off + 4], "little")
+                if ln < 16:
+                    break
+                self.count += 1
+                off += (ln + 3) & ~3
+        self.sock.close()
+
+
+def _idle_all(base: Path, bin_dir: Path, plan: Plan) -> dict[str, Any]:
+    """Every process of one ``cnisup start`` (production preset, every family,
+    the journal on) over a quiet stretch: CPU and wake-ups per hour."""
+    d = base / "idle-all"
+    d.mkdir()
+    d.chmod(0o755)
+    conf, journal = d / "net.d", d / "journal"
+    for sub, mode in ((conf, 0o755), (journal, 0o1777)):  # the journal's dir: writable by the workers' user
+        sub.mkdir()
+        sub.chmod(mode)
+    inst = Instance(d, config={"monitors": {"kernel": True, "config": True, "k8s": True},
+                               "cni": {"bin_dirs": [str(bin_dir)], "conf_dirs": [str(conf)]},
+                               "journal": {"enabled": True, "path": str(journal / "journal.db")}})
+    inst.start()
+    try:
+        status = inst.status()
+        deadline = time.monotonic() + 90
+        while not all(w["state"] in ("running", "disabled", "unavailable") for w in status["workers"]):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"not every worker is running: {status['workers']}")
+            time.sleep(0.5)
+            status = inst.status()
+        time.sleep(min(5.0, plan.idle_all_s / 3))  # the start-up's busy heartbeats are over
+        status = inst.status()
+        pids = {"supervisor": int(status["supervisor"]["pid"])}
+        pids |= {w["worker"]: int(w["pid"]) for w in status["workers"] if w["state"] == "running" and w.get("pid")}
+        c0 = {k: cpu_seconds_fine(p) for k, p in pids.items()}
+        w0 = {k: _ctx_switches(p) for k, p in pids.items()}
+        with HostChanges() as host:  # what else happened meanwhile: it wakes the kernel worker
+            t0 = time.monotonic()
+            time.sleep(plan.idle_all_s)
+            span = time.monotonic() - t0
+        per_h = 3600 / span
+        cpu = {k: (cpu_seconds_fine(p) - c0[k]) * per_h for k, p in pids.items()}
+        return {"span_s": span, "cpu_s_per_hour": {**cpu, "all": sum(cpu.values())}, "host_changes": host.count,
+                "wakeups_per_hour": {k: (_ctx_switches(p) - w0[k]) * per_h for k, p in pids.items()},
+                "rss": {k: rss_bytes(p) for k, p in pids.items()}}
+    finally:
+        inst.stop()
+
+
 def _measure(base: Path, bin_dir: Path, plan: Plan) -> dict[str, Any]:
-    # The sendto loop's receiver, bound throughout: it overflows and drops, as
-    # it should (no receiver at all would make every datagram an ICMP error).
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
-        sink.bind(("127.0.0.1", 0))
-        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-        sendto, language = _build_sendto(base)
-        return _measure_all(base, bin_dir, Loops(sendto, language, sink.getsockname()[1], plan))
-
-
-def _measure_all(base: Path, bin_dir: Path, loops: Loops) -> dict[str, Any]:
-    plan = loops.plan
-    off: dict[str, list[float]] = {"sendto": [], "ip": []}
-    on: dict[str, list[float]] = {"sendto": [], "ip": []}
-    res: dict[str, Any] = {"plan": plan.__dict__, "loop_language": loops.language}
+    res: dict[str, Any] = {"plan": plan.__dict__}
     pods = Pods(base, bin_dir)
     ebpf_inst, poll_inst = _instance(base, bin_dir, True), _instance(base, bin_dir, False)
     started: list[tuple[Instance, Listener, Collector]] = []
     ps: PsAux | None = None
     try:
-        loops.sendto_s(), loops.ip_s()  # warm-up: page cache, first exec of ip
-        loops.rounds(off, ours=0)
-        # Start-up, then the overhead with the ebpf worker alone.
         listener, e_col, w, ready_s = _start(ebpf_inst, "ebpf")
         started.append((ebpf_inst, listener, e_col))
-        res["ebpf_ready_s"], res["ebpf_load_s"] = ready_s, (w.get("info") or {}).get("load_s")
+        info = w.get("info") or {}
+        res["ebpf_ready_s"], res["ebpf_load_s"], res["ebpf_start_s"] = ready_s, info.get("load_s"), info.get("start_s")
         e_pid = int(w["pid"])
-        time.sleep(0.5)
-        loops.rounds(on, ours=1)
-        # Now every observer at once: the same idle time, the same runs.
+        res["ebpf_rss_ready"] = rss_bytes(e_pid)
+        res["supervisor_rss_kernel"] = rss_bytes(int(ebpf_inst.status()["supervisor"]["pid"]))
+        # Every observer at once: the same idle time, the same runs.
         listener, p_col, w, res["proc_poll_ready_s"] = _start(poll_inst, "proc-poll")
         started.append((poll_inst, listener, p_col))
         p_pid = int(w["pid"])
@@ -355,7 +371,7 @@ def _measure_all(base: Path, bin_dir: Path, loops: Loops) -> dict[str, Any]:
         t_burst = time.monotonic()
         res["burst_s"] = pods.burst(f"cb{run}b", plan.burst_pods, plan.burst_parallel)
         t_end = time.monotonic()
-        time.sleep(1.0)  # the last events reach the subscribers
+        time.sleep(3.0)  # the last events reach the subscribers (a held result waits up to 2 s for the cache)
         c2 = {k: cpu_seconds_fine(p) for k, p in pids.items()}
         res["runs_made"] = len(pods.made)
         res["churn_cpu_s"] = {k: c2[k] - c1[k] for k in pids}
@@ -363,6 +379,7 @@ def _measure_all(base: Path, bin_dir: Path, loops: Loops) -> dict[str, Any]:
         res["rss"] = {"ebpf": rss_bytes(e_pid), "proc-poll": rss_bytes(p_pid)}
         info = (next(x for x in ebpf_inst.status()["workers"] if x["family"] == "kernel").get("info") or {})
         res["kernel_dropped"] = info.get("kernel_dropped")
+        res["write_attaches"] = info.get("write_attaches")
         ps_scans = ps.scans
         ps.stop()
         ps_seen_steady, ps_seen_burst = ps.between(t_steady, t_burst), ps.between(t_burst, t_end + 1.0)
@@ -379,6 +396,7 @@ def _measure_all(base: Path, bin_dir: Path, loops: Loops) -> dict[str, Any]:
             "burst": {"made": len(made_b), "ebpf": len(e_col.runs(f"cb{run}b", finished) & made_b),
                       "proc-poll": len(p_col.runs(f"cb{run}b", both) & made_b), "ps aux": ps_seen_burst},
         }
+        res["fill_rates"] = e_col.fill_rates(f"cb{run}")
         res["ps_scans"] = ps_scans
         res["exit_latency_ms"] = {"ebpf": e_col.exit_latencies_ms(f"cb{run}"),
                                   "proc-poll": p_col.exit_latencies_ms(f"cb{run}")}
@@ -390,9 +408,10 @@ def _measure_all(base: Path, bin_dir: Path, loops: Loops) -> dict[str, Any]:
             inst.stop()
             lst.close()
         pods.cleanup()
-    loops.rounds(off, ours=0)  # after: drift between the off rounds shows in the spread
-    res["other_bpf_workers"] = loops.disturbed
-    res["off_s"], res["on_s"] = off, on
+    res["idle_all"] = _idle_all(base, bin_dir, plan)
+    # Quick mode (the test suite's smoke run) measures the default only: its point is the code path.
+    modes = kernel_overhead.MODES if plan.rounds > 1 else ("lean",)
+    res["overhead"] = kernel_overhead.measure(base, bin_dir, rounds=plan.rounds, scale=plan.scale, modes=modes)
     return res
 
 
@@ -439,19 +458,78 @@ def rows_of(res: dict[str, Any]) -> list[dict[str, Any]]:
             note="ps aux: the shell loop and every ps it ran, parsing not included"),
         row(NAME_PS, "CPU per 1,000 plugin runs", per_k["ebpf"], per_k["ps aux"], "s"),
     ]
-    off, on = res["off_s"], res["on_s"]
-    overhead_note = ("primary: with the ebpf worker loaded; fallback column: no kernel worker (proc-poll hooks "
-                     "nothing), rounds before and after; ratio < 1 is the overhead")
-    if res["other_bpf_workers"]:
-        overhead_note += (f"; DISTURBED: {res['other_bpf_workers']} other ebpf worker(s) ran on this host, "
-                          "so the off rounds were not off")
-    for key, what in (("sendto", f"{res['loop_language']} loop of {plan['sendto_calls']:,} sendto"),
-                      ("ip", f"`ip addr show` x {plan['ip_execs']} in a shell loop")):
-        for stat, fn in (("median", statistics.median), ("fastest", min)):
-            p, f = fn(on[key]), fn(off[key])
-            rows.append(row(NAME_OVERHEAD, f"{what}, {stat} of {len(on[key])} rounds", p, f, "s",
-                            overhead_pct=round((p / f - 1) * 100, 2),
-                            note=overhead_note if key == "sendto" and stat == "median" else None))
+    rows += _fill_rows(res)
+    rows += _overhead_rows(res["overhead"])
+    rows += _idle_rows(res, per_k)
+    return rows
+
+
+def _fill_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    f = res["fill_rates"]
+    always = ", ".join(f"{k} {f[k]:.0%}" for k in ALWAYS)
+    return [
+        {"name": NAME_FILL, "metric": "runs whose cni.plugin.finished has every identity field", "primary":
+         min(f[k] for k in ALWAYS), "fallback": None, "ratio": None, "unit": "fraction", "runs": f["runs"],
+         "note": always},
+        {"name": NAME_FILL, "metric": "ADD runs with result or error (the plugin's stdout)",
+         "primary": f["result or error (ADD)"], "fallback": None, "ratio": None, "unit": "fraction",
+         "runs": f["adds"], "note": f"result {f['result (ADD)']:.1%}, error {f['error (ADD)']:.1%}; output capture "
+                                    f"began after the exec (output_since_ms) in {f['output_since_ms (ADD)']:.1%}; "
+                                    f"truncated in {f['truncated (ADD)']:.1%}; write tracepoint attached "
+                                    f"{res['write_attaches']} time(s) over the churn"},
+    ]
+
+
+def _overhead_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
+    if "skipped" in o:
+        return [{"name": NAME_OVERHEAD, "metric": f"skipped: {o['skipped']}", "primary": None, "fallback": None,
+                 "ratio": None, "unit": "-"}]
+    rows = []
+    for mode in [m for m in kernel_overhead.MODES if m in o]:
+        m = o[mode]
+        what = {"none": "control: cnisup without the kernel family", "lean": "kernel.capture lean (default)",
+                "lean-run": "lean while a plugin runs (write tracepoint attached)",
+                "full": "kernel.capture full"}[mode]
+        if not m["summary"]:
+            rows.append({"name": NAME_OVERHEAD, "metric": f"{what}: no valid round ({len(m['void'])} voided)",
+                         "primary": None, "fallback": None, "ratio": None, "unit": "-"})
+            continue
+        for loop in kernel_overhead.LOOPS:
+            sm = m["summary"][loop]
+            note = (f"{sm['off_ns']:,.0f} -> {sm['on_ns']:,.0f} ns per call; p25-p75 {sm['p25']:.3f}-{sm['p75']:.3f}; "
+                    f"{len(m['pairs'])} paired rounds, {len(m['void'])} voided (another tracing program was "
+                    f"loaded); {m['programs']} tracing program(s) of ours loaded")
+            rows.append({"name": NAME_OVERHEAD, "metric": f"{what}: {loop}() with / without, median of paired rounds",
+                         "primary": sm["ratio"], "fallback": None, "ratio": None, "unit": "x",
+                         "note": note if loop == "read" else f"{sm['off_ns']:,.0f} -> {sm['on_ns']:,.0f} ns; "
+                                                             f"p25-p75 {sm['p25']:.3f}-{sm['p75']:.3f}"})
+    return rows
+
+
+def _idle_rows(res: dict[str, Any], per_k: dict[str, float]) -> list[dict[str, Any]]:
+    idle = res["idle_all"]
+    ps_per_h = res["idle_cpu_s_per_min"]["ps aux"] * 60
+    rows = []
+    for proc, cpu in idle["cpu_s_per_hour"].items():
+        rows.append(row(NAME_IDLE, f"CPU per idle hour: {proc}", cpu, ps_per_h, "s",
+                        note=(f"fallback column: `ps aux` every 5 s; over {idle['span_s']:.0f} s, scaled; "
+                              "production preset, every family, the journal on") if proc == "supervisor" else
+                        (f"{idle['wakeups_per_hour'].get(proc, 0):,.0f} wake-ups per hour" + (
+                            f"; meanwhile the host's own activity made {idle['host_changes']} link/address "
+                            "change(s), each of which wakes it"
+                            if proc == "ebpf" else "") if proc != "all" else
+                         "the seed's claim: 100x less CPU than ps aux every 5 s")))
+    rows += [
+        row(NAME_IDLE, "kernel worker (ebpf) RSS once ready", res["ebpf_rss_ready"], res["rss"]["proc-poll"], "bytes",
+            note="fallback column: proc-poll"),
+        {"name": NAME_IDLE, "metric": "supervisor RSS with the kernel family on", "primary":
+         res["supervisor_rss_kernel"], "fallback": None, "ratio": None, "unit": "bytes",
+         "note": "its probe does not import BCC: no libbcc or LLVM mapped"},
+        {"name": NAME_IDLE, "metric": "kernel worker start to ready (cnisup start -> worker ready)",
+         "primary": res["ebpf_ready_s"], "fallback": res["proc_poll_ready_s"], "ratio": None, "unit": "s",
+         "note": f"of which BTF offsets + compile + load + listeners {res['ebpf_start_s']} s "
+                 f"(compile + load {res['ebpf_load_s']} s); fallback column: proc-poll"},
+    ]
     return rows
 
 

@@ -137,10 +137,12 @@ _RUN = {"run_id": S, "pid": INT, "ppid": INT, "plugin": S, "path": S,
         "network": S, "cni_version": S, "type": S, "stdin_error": S, "parent_run": S,
         "truncated": STRS}
 _BY = {"pid": INT, "comm": S, "run_id": S, "plugin": S, "container_id": S}
-_LINK = {**_BY, "ifindex": INT, "name": S, "kind": S, "peer": S, "peer_netns": S, "target_netns": S,
-         "master": INT, "master_name": S, "mtu": INT, "up": B, "mac": S, "truncated": B}
+# netns and dump: where a change was confirmed (kernel.capture lean's listeners).
+_LINK = {**_BY, "ifindex": INT, "name": S, "kind": S, "peer": S, "peer_netns": S, "peer_ifindex": INT,
+         "target_netns": S, "master": INT, "master_name": S, "mtu": INT, "up": B, "mac": S, "truncated": B,
+         "netns": S, "dump": B}
 _ADDR = {**_BY, "address": S, "prefixlen": INT, "family": {"enum": ["inet", "inet6"]}, "ifindex": INT,
-         "ifname": S, "label": S, "truncated": B}
+         "ifname": S, "label": S, "truncated": B, "netns": S, "dump": B}
 
 # k8s family: slim projections of the objects (workers/k8s/events.py).
 _CNI = {"cni_plugin": S, "cni_plugins": STRS}
@@ -247,11 +249,12 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
                             "ips": {"type": "array", "items": obj(["address"], {
                                 "address": S, "gateway": S, "interface": INT})}}),
          "error": obj([], {"code": INT, "msg": S, "details": S}),
-         "output_error": S, "stdout": S, "stderr": S})),
+         "output_error": S, "stdout": S, "stderr": S, "output_since_ms": N,
+         "result_source": {"enum": ["cache"]}})),
     KernelKind.NETNS_CREATED: ("a network namespace was created (unshare/clone, or newly seen)",
                       obj([], {**_BY, "via": S, "child_pid": INT, "netns": S, "inode": INT, "path": S})),
     KernelKind.NETNS_ENTERED: ("a process joined a network namespace (setns)",
-                      obj(["pid"], {**_BY, "fd": INT, "netns": S, "inode": INT})),
+                      obj(["pid"], {**_BY, "fd": INT, "netns": S, "inode": INT, "via": S})),
     KernelKind.NETNS_DELETED: ("a network namespace is gone (proc-poll only)",
                       obj([], {"netns": S, "inode": INT, "path": S})),
     KernelKind.LINK_CREATED: ("a network interface was created (requested, or newly seen)", obj([], _LINK)),

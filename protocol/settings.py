@@ -32,6 +32,7 @@ from .untrusted import MAX_ERROR, one_line
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRESETS = ("development", "production")
 POD_SCOPES = ("node", "cluster")
+CAPTURES = ("lean", "full")
 
 
 class ConfigError(Exception):
@@ -257,6 +258,14 @@ class Fallback:
 
 
 @dataclass
+class Kernel:
+    capture: str = setting(
+        "lean", "ebpf worker: lean attaches no syscall tracepoint in steady state (no tax on other processes); "
+                "full keeps syscall tracepoints always on for stdin and netlink request payloads (taxes every "
+                "syscall on the node: see the README)", check=one_of(*CAPTURES))
+
+
+@dataclass
 class Kubernetes:
     kubeconfig: str = setting("", "Kubeconfig file; empty: in-cluster, then $KUBECONFIG, then ~/.kube/config")
     pod_scope: str = setting("node", "node: only pods of this node; cluster: all pods", check=one_of(*POD_SCOPES))
@@ -424,6 +433,7 @@ class Config:
     workers: Workers = section(Workers)
     restart: Restart = section(Restart)
     fallback: Fallback = section(Fallback)
+    kernel: Kernel = section(Kernel)
     kubernetes: Kubernetes = section(Kubernetes)
     journal: Journal = section(Journal)
     export: Export = section(Export)

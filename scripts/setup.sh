@@ -17,6 +17,8 @@ APT_PACKAGES=(
   python3-matplotlib
   debootstrap systemd-container  # tests/packaging/test_nspawn.py: the unit under a real systemd
   python3-nacl nats-server
+  gcc libc6-dev
+  podman runc
 )
 
 need_apt=()

@@ -145,6 +145,8 @@ def status(config_path: str | None, preset: str | None, as_json: bool, timeout: 
                    f"{_fmt_age(w.get('heartbeat_age_s'))}")
         if w.get("fallback_reason"):
             click.echo(f"{'':8} fallback because: {w['fallback_reason']}")
+        if (info := w.get("info") or {}).get("capture"):  # what the kernel capture costs other processes
+            click.echo(f"{'':8} capture {info['capture']}: {info.get('tax', '')}")
         if w.get("last_exit"):
             click.echo(f"{'':8} last exit: {w['last_exit']['reason']}")
         if w["state"] in ("unavailable", "idle", "disabled", "failed") and w.get("reason"):

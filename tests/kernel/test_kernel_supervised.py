@@ -17,6 +17,8 @@ from e2e.support import CNISUP, Cnisup
 from harness import world_dir
 from kernel_support import needs_plugins, needs_root
 
+from cnisup.workers.kernel import btf, features
+
 pytestmark = [needs_root, needs_plugins, pytest.mark.root]
 
 
@@ -42,12 +44,21 @@ def test_check_names_kernel_features(base: Path, bin_dir: Path) -> None:
     assert kernel["worker"] == "ebpf"
     probe = kernel["probes"]["ebpf"]
     assert probe["ok"] and probe["tracefs"] and probe["headers"].startswith("/")
-    assert probe["tracepoints_required"]["sched:sched_process_exec"] == "ok"
-    assert probe["tracepoints_optional"]["syscalls:sys_enter_sendto"] == "ok"
+    assert probe["capture"] == "lean" and probe["tax"].startswith("none measurable")
+    assert probe["tracepoints_required"] == {tp: "ok" for tp in features.LEAN_REQUIRED}
+    assert probe["tracepoints_optional"]["syscalls:sys_enter_write"] == "ok"
+    assert probe["btf_offsets"] == len(btf.OFFSETS)
     assert kernel["probes"]["proc-poll"]["ok"]
     text = subprocess.run([CNISUP, "check", "--config", str(c.config_path)], capture_output=True, text=True,
                           timeout=60, check=True).stdout
     assert "sched:sched_process_exec" in text and "[kernel] -> ebpf" in text
+    # full: the tax is said where it is chosen.
+    c.config["kernel"] = {"capture": "full"}
+    c.write_config()
+    text = subprocess.run([CNISUP, "check", "--config", str(c.config_path)], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    assert "capture: full" in text and f"tax: {features.TAX['full']}" in text
+    assert "'syscalls:sys_enter_sendto': 'ok'" in text
 
 
 @pytest.mark.parametrize("use_ebpf", [True, False])
@@ -74,5 +85,14 @@ def test_start_runs_the_kernel_worker(base: Path, bin_dir: Path, use_ebpf: bool)
             assert done["data"]["exit_code"] == 0 and done["data"]["result"]["interfaces"][0]["name"] == "lo"
             status = c.wait_worker("kernel", worker="ebpf", state="running")
             assert status["info"]["kernel_dropped"] == 0 and status["info"]["load_s"] > 0
+            assert status["info"]["capture"] == "lean" and status["info"]["tax"] == features.TAX["lean"]
+            text = subprocess.run([CNISUP, "status", "--config", str(c.config_path)], capture_output=True,
+                                  text=True, timeout=30, check=True).stdout
+            assert f"capture lean: {features.TAX['lean']}" in text
+        # The supervisor probed the kernel family without BCC: no libbcc, no LLVM in its memory.
+        sup = json.loads(subprocess.run([CNISUP, "status", "--json", "--config", str(c.config_path)],
+                                        capture_output=True, text=True, timeout=30, check=True).stdout)
+        maps = Path(f"/proc/{sup['supervisor']['pid']}/maps").read_text()
+        assert "libbcc" not in maps and "LLVM" not in maps
     finally:
         assert c.stop() == 0

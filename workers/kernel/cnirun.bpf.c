@@ -165,33 +165,7 @@ static __always_inline struct task_info *current_task_info(void) {
     return tracked.lookup(&tid);
 }
 
-// Is the filename in e->data a file directly in one of the bin dirs? The
-// directory part is cut in place (zero-filled to PATH_MAX_) and looked up in
-// `bin_dirs`, whose keys user space wrote the same way. Loop state lives in
-// map memory (e->aux), so the verifier sees one state per iteration.
-static __always_inline int in_bin_dir(struct event *e) {
-    volatile u32 *slash = &e->aux;  // volatile: clang must not keep it in a register
-    *slash = 0;
-    for (int j = 1; j < PATH_MAX_; j++) {
-        char c = e->data[j];
-        if (c == 0)
-            break;
-        if (c == '/')
-            *slash = j;
-    }
-    u32 last = *slash;
-    if (last == 0 || last >= PATH_MAX_ - 1)
-        return 0;  // not below a dir
-    u32 name = last + 1;
-    asm volatile("" : "+r"(name));  // keep the mask: the verifier needs it, clang would drop it
-    if (e->data[name & (PATH_MAX_ - 1)] == 0)
-        return 0;  // no file name
-    for (int j = 1; j < PATH_MAX_; j++) {
-        if (j >= last)
-            e->data[j] = 0;
-    }
-    return bin_dirs.lookup((struct dir_key *)e->data) != 0;
-}
+#include "bin_dir.h"
 
 // execve(2) of a plugin binary: remember the task, send its CNI_* variables.
 static __always_inline int on_execve(const char *filename, const char *const *envp) {
@@ -200,7 +174,7 @@ static __always_inline int on_execve(const char *filename, const char *const *en
         return 0;
     if (bpf_probe_read_user_str(e->data, PATH_MAX_, filename) <= 0 || e->data[0] != '/')
         return 0;
-    if (!in_bin_dir(e))
+    if (!bin_dir_key(e) || !bin_dirs.lookup((struct dir_key *)e->data))
         return 0;
     e->aux = 0;
     u32 tid = e->tid;

@@ -11,8 +11,11 @@ from cnisup.workers.probe import Probe, dirs_state
 
 
 def ebpf(cfg: Config) -> Probe:
-    host = features.check()
-    return Probe(host.ok, host.reason, {**host.details, "bin_dirs": dirs_state(cfg.cni.bin_dirs)})
+    capture = cfg.kernel.capture
+    host = features.check(capture=capture)
+    # What the capture costs every other process, said wherever it is chosen.
+    return Probe(host.ok, host.reason, {**host.details, "tax": features.TAX[capture],
+                                        "bin_dirs": dirs_state(cfg.cni.bin_dirs)})
 
 
 def proc_poll(cfg: Config) -> Probe:
