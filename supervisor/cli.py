@@ -231,6 +231,10 @@ class _Follow:
         self.sub, self.out, self.control, self.match = sub, out, control_endpoint, match
         self.stitch: Stitch | None = None
         self.seen: set[str] = set()
+        #: Seqs of the supervisor's events shown from its replay buffer, per incarnation:
+        #: the subscription took effect at some moment after ``subscribed_at``, so some
+        #: of them also arrive live and must not be shown twice.
+        self.recovered: dict[str, set[int]] = {}
 
     def seed(self) -> None:
         """Where every incarnation stands now: what follows must be contiguous."""
@@ -273,6 +277,9 @@ class _Follow:
                     self._recover(env["incarnation"], 1, env["seq"] - 1)
             if gap is not None:
                 self._lost(gap)
+            if env["source"] == "supervisor" and env["seq"] in self.recovered.get(env["incarnation"], ()):
+                self.recovered[env["incarnation"]].discard(env["seq"])  # each arrives live at most once
+                continue
             self._show(env)
 
     def _show(self, env: dict[str, Any]) -> None:
@@ -315,6 +322,7 @@ class _Follow:
         if missed:
             click.echo(f"! recovered {len(missed)} event(s) of the supervisor published before they "
                        "reached us", err=True)
+        self.recovered.setdefault(incarnation, set()).update(e["seq"] for e in missed)
         for env in missed:
             if env["kind"] == STARTED and isinstance(env["data"].get("incarnation"), str):
                 self.sub.gaps.started(env["data"]["incarnation"])

@@ -458,14 +458,15 @@ def _check_running(proc: subprocess.Popen[bytes], config: Path, base: Path) -> N
         status = _status(config)
         if status:
             workers = {w["family"]: w for w in status["workers"]}
-            if all(w["state"] == "running" for w in workers.values()):
+            if all(w["state"] in ("running", "disabled") for w in workers.values()):
                 break
         time.sleep(0.2)
     states = {f: w["state"] for f, w in workers.items()}
-    assert states == {"config": "running", "kernel": "running", "k8s": "running"}, \
+    assert states == {"journal": "running", "config": "running", "kernel": "running", "k8s": "running",
+                      "export": "disabled"}, \
         f"{workers}\n{(base / 'cnisup.log').read_text()}"
     pw = pwd.getpwnam("cnisup")
-    for family in ("config", "k8s"):
+    for family in ("journal", "config", "k8s"):
         st = _proc_status(workers[family]["pid"])
         assert st["Uid"].split() == [str(pw.pw_uid)] * 4 and st["Gid"].split() == [str(pw.pw_gid)] * 4
         assert st["CapBnd"] == "0000000000000000" and st["NoNewPrivs"] == "1"
