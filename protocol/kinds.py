@@ -319,3 +319,11 @@ def envelope_schema() -> dict[str, Any]:
 if __name__ == "__main__":
     json.dump(envelope_schema(), sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+def matches(kind: str, prefix: str) -> bool:
+    """Does ``kind`` fall under ``prefix``, taken as whole dot-separated tokens?
+    ``cni.plugin`` (or ``cni.plugin.``) matches ``cni.plugin.finished`` but not
+    ``cni.plugin_binary.created``; a whole kind matches itself."""
+    p = prefix.rstrip(".")
+    return bool(p) and (kind == p or kind.startswith(p + "."))

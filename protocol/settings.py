@@ -418,7 +418,7 @@ class Export:
 class Config:
     preset: str = setting("development", "development or production; explicit keys override it",
                           check=one_of(*PRESETS))
-    node_name: str = setting("", "Node name in every event; empty: $NODE_NAME, then the hostname")
+    node_name: str = setting("", "Node name in every event; $NODE_NAME overrides it; empty and unset: the hostname")
     log_level: str = setting("info", "debug, info, warning or error ($LOG_LEVEL overrides)",
                              check=one_of(*LOG_LEVELS))
     runtime_dir: str = setting("/run/cnisup", "Lock file and private sockets; {runtime_dir} in endpoints "

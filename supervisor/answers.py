@@ -17,6 +17,7 @@ from cnisup.protocol.settings import Config
 from cnisup.supervisor import explain as explaining
 from cnisup.supervisor import render
 from cnisup.supervisor.history import Filters, Journal, JournalError, parse_time
+from cnisup.workers.journal.schema import normal_ip
 
 #: Exit code when the journal cannot be read.
 EX_NO_JOURNAL = 1
@@ -48,8 +49,21 @@ class PodParam(click.ParamType):
         return ns, name
 
 
+class IpParam(click.ParamType):
+    """An IPv4 or IPv6 address (``/prefix`` allowed), normalised as the journal stores it."""
+
+    name = "ADDR"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        ip = normal_ip(str(value))
+        if ip is None:
+            self.fail(f"{value!r} is not an IP address", param, ctx)
+        return ip
+
+
 TIME = TimeParam()
 POD = PodParam()
+IP = IpParam()
 
 journal_option = click.option(
     "--journal", "journal_files", multiple=True, type=click.Path(dir_okay=False),
@@ -73,7 +87,7 @@ def filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The filters ``history`` and ``tail`` share."""
     for option in reversed((
         click.option("--kind", "kinds", multiple=True, metavar="PREFIX",
-                     help="Kinds starting with PREFIX (repeatable): cni.plugin, k8s.pod., supervisor."),
+                     help="Kinds under PREFIX, in whole tokens (repeatable): cni.plugin, k8s.pod, supervisor."),
         click.option("--pod", type=POD, help="A pod's events, and those of its containers."),
         click.option("--namespace", help="Events of pods in this namespace."),
         click.option("--container", metavar="ID", help="A container's events (its id or a prefix of it)."),
@@ -89,7 +103,7 @@ def history_command(load: Load, config_options: Decorator) -> click.Command:
     @click.option("--since", type=TIME, help="From this time: RFC 3339, 03:12 (today) or -10m.")
     @click.option("--until", type=TIME, help="Up to this time (same forms).")
     @filter_options
-    @click.option("--ip", metavar="ADDR", help="Events that carry this IP address.")
+    @click.option("--ip", type=IP, help="Events that carry this IP address.")
     @click.option("--path", metavar="FILE", help="Events about this file (a CNI config or plugin binary).")
     @click.option("-o", "--output", type=click.Choice(["compact", "long", "json"]), default="compact",
                   show_default=True, help="json: the stored envelopes exactly as published, one per line.")
@@ -161,7 +175,7 @@ def explain_group(load: Load, config_options: Decorator) -> click.Group:
         show(story, as_json, render.story_lines)
 
     @explain.command("ip")
-    @click.argument("address")
+    @click.argument("address", type=IP)
     @click.option("--at", type=TIME, help="Who held it at this time.")
     @json_option
     @journal_option

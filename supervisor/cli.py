@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,8 +26,9 @@ EX_START_FAILED = 1
 
 # Plain strings, checked by config.load like every other configuration input
 # (a bad value is one line and exit 78, as for the file).
-config_option = click.option("--config", "config_path", metavar="FILE",
-                             help="YAML configuration file (see config_example.yaml).")
+config_option = click.option("--config", "config_path", metavar="FILE", envvar="CNISUP_CONFIG",
+                             help=f"YAML configuration file (see config_example.yaml); default $CNISUP_CONFIG, "
+                                  f"else {config.INSTALLED_CONFIG} when it exists and no --preset is given.")
 preset_option = click.option("--preset", metavar="|".join(config.PRESETS),
                              help="Preset under the file's keys (overrides the file's 'preset').")
 log_level_option = click.option("--log-level", metavar="|".join(config.LOG_LEVELS),
@@ -34,6 +36,8 @@ log_level_option = click.option("--log-level", metavar="|".join(config.LOG_LEVEL
 
 
 def _load(config_path: str | None, preset: str | None = None, log_level: str | None = None) -> config.Config:
+    if config_path is None and preset is None and os.path.exists(config.INSTALLED_CONFIG):
+        config_path = config.INSTALLED_CONFIG  # a packaged node: the service's sockets and journal
     try:
         return config.load(config_path, preset=preset, log_level=log_level)
     except config.ConfigError as exc:
@@ -195,6 +199,8 @@ def tail(config_path: str | None, preset: str | None, endpoints: tuple[str, ...]
                                    dataclasses.replace(filters, since_ns=since))
             for env in follow.stitch.replay():
                 out(env)
+                if count and out.seen >= count:
+                    return
         follow.seed()
         try:
             follow.run(count=count, timeout_s=timeout)

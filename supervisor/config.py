@@ -31,6 +31,9 @@ from cnisup.protocol.untrusted import undecodable_at
 MAX_CONFIG_BYTES = 64 << 10
 #: Nesting of a configuration file: its sections are two levels deep, their lists three.
 MAX_CONFIG_DEPTH = 16
+#: The file the package installs: the CLI's configuration when none is named.
+INSTALLED_CONFIG = "/etc/cnisup/config.yaml"
+
 #: Bytes of an environment override ($NODE_NAME, $LOG_LEVEL; $KUBECONFIG is a list of paths).
 MAX_ENV_BYTES = {"NODE_NAME": 256, "LOG_LEVEL": 16, "KUBECONFIG": 4096}
 

@@ -68,12 +68,8 @@ def _settings(cfg: Config, servers: tuple[str, ...], creds: str | None, stream: 
 def subject_filter(prefix: str, node: str | None, kinds: tuple[str, ...]) -> str:
     """The narrowest subject filter the server can apply (one per consumer on 2.9)."""
     head = f"{prefix}.{subjects.node_token(node) if node else '*'}"
-    if len(kinds) == 1:
-        kind = kinds[0]
-        if kind in KINDS:
-            return f"{head}.{kind}"
-        if kind.endswith(".") and len(kind) > 1:
-            return f"{head}.{kind[:-1]}.>"
+    if len(kinds) == 1 and (kind := kinds[0].rstrip(".")):  # whole tokens, as kinds.matches takes them
+        return f"{head}.{kind}" if kind in KINDS else f"{head}.{kind}.>"
     return f"{head}.>"
 
 
@@ -258,7 +254,7 @@ def fleet_group(load: answers.Load, config_options: answers.Decorator) -> click.
     @click.option("--since", type=answers.TIME, help="From this time: RFC 3339, 03:12 (today) or -10m.")
     @click.option("--until", type=answers.TIME, help="Up to this time (same forms).")
     @answers.filter_options
-    @click.option("--ip", metavar="ADDR", help="Events that carry this IP address.")
+    @click.option("--ip", type=answers.IP, help="Events that carry this IP address.")
     @click.option("--path", metavar="FILE", help="Events about this file (a CNI config or plugin binary).")
     @click.option("-o", "--output", type=click.Choice(["compact", "long", "json"]), default="compact",
                   show_default=True, help="json: the envelopes exactly as published, one per line.")

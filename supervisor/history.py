@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnisup.protocol import kinds
 from cnisup.protocol.settings import Config
 from cnisup.workers.journal import schema
 from cnisup.workers.journal.schema import normal_ip
@@ -67,7 +68,7 @@ def rfc3339(ts_ns: int) -> str:
 class Filters:
     since_ns: int | None = None
     until_ns: int | None = None
-    kinds: Sequence[str] = ()  #: prefixes, most general first (``cni.``, ``k8s.pod``)
+    kinds: Sequence[str] = ()  #: prefixes of whole tokens (``cni.plugin``, ``k8s.pod.``): :func:`kinds.matches`
     pod: tuple[str, str] | None = None  #: (namespace, name)
     namespace: str | None = None
     container: str | None = None  #: a container id or a prefix of one
@@ -97,8 +98,15 @@ def journal_files(cfg: Config) -> list[str]:
 
 
 def _prefix_range(prefix: str) -> tuple[str, str]:
-    """``kind >= a AND kind < b`` is the indexable form of "starts with prefix"."""
+    """``x >= a AND x < b`` is the indexable form of "starts with prefix"."""
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _kind_clause(prefix: str) -> tuple[str, list[str]]:
+    """The indexable form of :func:`kinds.matches`: the kind itself, or
+    ``kind >= 'p.' AND kind < 'p/'`` ('/' follows '.')."""
+    p = prefix.rstrip(".")
+    return "(kind = ? OR (kind >= ? AND kind < ?))", [p, p + ".", p + "/"]
 
 
 class Reader:
@@ -131,9 +139,9 @@ class Reader:
         if f.kinds:
             ors = []
             for prefix in f.kinds:
-                lo, hi = _prefix_range(prefix)
-                ors.append("(kind >= ? AND kind < ?)")
-                params += [lo, hi]
+                clause, args = _kind_clause(prefix)
+                ors.append(clause)
+                params += args
             clauses.append(f"({' OR '.join(ors)})")
         if f.pod is not None:
             containers = self.containers_of(*f.pod)
@@ -274,7 +282,7 @@ class Match:
             return False
         if f.until_ns is not None and env["ts"] > f.until_ns:
             return False
-        if f.kinds and not any(env["kind"].startswith(p) for p in f.kinds):
+        if f.kinds and not any(kinds.matches(env["kind"], p) for p in f.kinds):
             return False
         if f.pod is not None:
             mine = (k.pod_ns, k.pod_name) == f.pod

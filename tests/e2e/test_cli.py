@@ -120,6 +120,20 @@ def test_config_show_precedence(tmp_path: Path) -> None:
     assert shown["fallback"]["file_poll_interval"] == 7.0  # the file still overrides the preset
 
 
+def test_the_file_without_config_is_cnisup_config_then_the_installed_one(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("node_name: from-env-file\n")
+    shown = yaml.safe_load(run("config", "show", env={"CNISUP_CONFIG": str(cfg)}).stdout)
+    assert shown["node_name"] == "from-env-file"
+    shown = yaml.safe_load(run("config", "show", "--config", str(cfg), env={"CNISUP_CONFIG": "/nonexistent"}).stdout)
+    assert shown["node_name"] == "from-env-file"  # the flag wins
+    bad = run("status", env={"CNISUP_CONFIG": str(tmp_path / "missing.yaml")})
+    assert bad.returncode == 78 and "missing.yaml" in bad.stderr, bad.stderr
+    # --preset names no file: the installed one (if any) is not read behind it
+    shown = yaml.safe_load(run("config", "show", "--preset", "development", env={"CNISUP_CONFIG": ""}).stdout)
+    assert shown["preset"] == "development"
+
+
 def test_example_config_is_valid_and_documents_every_key() -> None:
     from cnisup.supervisor import config
 

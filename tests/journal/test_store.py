@@ -78,6 +78,24 @@ def test_write_then_read_back_exactly_as_published(db: Path) -> None:
         assert len(j.query(Filters(kinds=["cni.plugin"]))) == 5
 
 
+def test_a_kind_prefix_is_whole_tokens_in_sql_and_in_match(db: Path) -> None:
+    store = Store(str(db), max_bytes=1 << 30, max_age_s=7 * 86400)
+    st, now = stamp(), time.time_ns()
+    binary = st.build("cni.plugin_binary.created", {"path": "/opt/cni/bin/bridge", "dir": "/opt/cni/bin",
+                                                    "name": "bridge"}, now + 9)
+    envs = [plugin(st, ts=now), binary]
+    write(store, envs)
+    store.close()
+    with Journal([str(db)]) as j:
+        for prefix, want in (("cni.plugin", ["cni.plugin.finished"]), ("cni.plugin.", ["cni.plugin.finished"]),
+                             ("cni.plugin_binary", ["cni.plugin_binary.created"]), ("cni.plug", []),
+                             ("cni", ["cni.plugin.finished", "cni.plugin_binary.created"]),
+                             ("cni.plugin.finished", ["cni.plugin.finished"])):
+            f = Filters(kinds=[prefix])
+            assert [r.envelope["kind"] for r in j.query(f)] == want, prefix
+            assert [e["kind"] for e in envs if Match(f)(e)] == want, prefix
+
+
 def test_failed_and_pod_container_links(db: Path) -> None:
     store = Store(str(db), max_bytes=1 << 30, max_age_s=7 * 86400)
     st, now = stamp(), time.time_ns()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from unitfile import UNIT_SRC, unit_settings
 
 TOP = Path(__file__).resolve().parents[2]
@@ -207,6 +208,9 @@ def test_files(built: Build) -> None:
     assert (root / "lib/systemd/system/cnisup.service").read_text() == UNIT_SRC.read_text()
     assert (root / "usr/share/man/man1/cnisup.1.gz").is_file()
     assert (root / "usr/share/doc/cnisup/copyright").is_file()
+    doc = root / "usr/share/doc/cnisup"
+    for name in ("README.md", "PROTOCOL.md", "EXPLAIN.md", "FLEET.md", "config_example.yaml"):  # the help names them
+        assert (doc / name).is_file() or (doc / f"{name}.gz").is_file(), name
     completion = (root / "usr/share/bash-completion/completions/cnisup").read_text()
     assert "_cnisup_completion()" in completion and "complete " in completion
     assert (root / "etc/cnisup/config.yaml").read_text().count("\npreset: production\n") == 1
@@ -314,6 +318,9 @@ def test_installed(installed: Build) -> None:
     version = _pyproject()["project"]["version"]
     out = _run(["/usr/bin/cnisup", "--version"], cwd="/")
     assert out.returncode == 0 and out.stdout.strip() == f"cnisup, version {version}", out.stdout + out.stderr
+    # Without --config, the commands read the service's configuration: its sockets, its journal.
+    shown = _run(["/usr/bin/cnisup", "config", "show"], cwd="/")
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["runtime_dir"] == "/run/cnisup", shown.stderr
 
 
 def test_installed_python_environment(installed: Build) -> None:

@@ -41,8 +41,10 @@ def test_the_server_filter_is_as_narrow_as_one_consumer_filter_can_be() -> None:
     assert fleet.subject_filter("cnisup", None, ()) == "cnisup.*.>"
     assert fleet.subject_filter("cnisup", "n.example", ("cni.plugin.",)) == "cnisup.n_example.cni.plugin.>"
     assert fleet.subject_filter("cnisup", None, ("cni.plugin.finished",)) == "cnisup.*.cni.plugin.finished"
-    # a prefix inside a token, or two of them: the server cannot filter, Match does
-    assert fleet.subject_filter("cnisup", None, ("cni.plug",)) == "cnisup.*.>"
+    assert fleet.subject_filter("cnisup", None, ("cni.plugin",)) == "cnisup.*.cni.plugin.>"
+    # prefixes are whole tokens (kinds.matches): a part of one matches nothing, as on the server
+    assert fleet.subject_filter("cnisup", None, ("cni.plug",)) == "cnisup.*.cni.plug.>"
+    # two of them: the server cannot filter, Match does
     assert fleet.subject_filter("cnisup", None, ("cni.", "k8s.")) == "cnisup.*.>"
 
 
