@@ -313,9 +313,11 @@ def _idle_all(base: Path, bin_dir: Path, plan: Plan) -> dict[str, Any]:
                                "journal": {"enabled": True, "path": str(journal / "journal.db")}})
     inst.start()
     try:
+        inst.wait_running("config")  # the control socket answers from here on
         status = inst.status()
         deadline = time.monotonic() + 90
-        while not all(w["state"] in ("running", "disabled", "unavailable") for w in status["workers"]):
+        # k8s is idle on a node without Kubernetes (no API server here): that is its idle state
+        while not all(w["state"] in ("running", "idle", "disabled", "unavailable") for w in status["workers"]):
             if time.monotonic() > deadline:
                 raise Unavailable(f"not every worker is running: {status['workers']}")
             time.sleep(0.5)

@@ -351,7 +351,8 @@ def test_no_kubeconfig_exit_77_then_fallback_fails_and_is_reported(k8s_tmp: Path
         assert failed["data"]["worker"] == "kubectl" and failed["data"]["exit_code"] == 77
         assert "no such file" in failed["data"]["reason"] and failed["data"]["retry_in_s"] == 60.0
         ev.collect(3.0)  # no hot loop: nothing is restarted
-        assert len([e for e in ev.seen if e["kind"] == "supervisor.worker.started"]) <= 1
+        assert len([e for e in ev.seen if e["kind"] == "supervisor.worker.started"
+                    and e["data"]["family"] == "k8s"]) <= 1
         assert c.worker("k8s")["state"] == "unavailable"
     finally:
         assert c.stop() == 0
