@@ -108,6 +108,19 @@ def absolute_path(value: str) -> str | None:
     return None if value.startswith("/") else f"{value!r} is not an absolute path"
 
 
+#: A Kubernetes node name is a DNS subdomain: at most 253 characters.
+MAX_NODE_NAME = 253
+
+
+def a_node_name(value: str) -> str | None:
+    """It is in every event and every fleet subject: short, printable, one token of text."""
+    if len(value) > MAX_NODE_NAME:
+        return f"{len(value)} characters, at most {MAX_NODE_NAME} (a Kubernetes node name)"
+    if not value.isprintable() or any(c.isspace() for c in value):
+        return "must be printable, without spaces"
+    return None
+
+
 def not_empty(values: list[Any]) -> str | None:
     return None if values else "needs at least one entry"
 
@@ -418,7 +431,8 @@ class Export:
 class Config:
     preset: str = setting("development", "development or production; explicit keys override it",
                           check=one_of(*PRESETS))
-    node_name: str = setting("", "Node name in every event; $NODE_NAME overrides it; empty and unset: the hostname")
+    node_name: str = setting("", "Node name in every event; $NODE_NAME overrides it; empty and unset: the hostname",
+                             check=a_node_name)
     log_level: str = setting("info", "debug, info, warning or error ($LOG_LEVEL overrides)",
                              check=one_of(*LOG_LEVELS))
     runtime_dir: str = setting("/run/cnisup", "Lock file and private sockets; {runtime_dir} in endpoints "

@@ -18,6 +18,7 @@ import zmq
 from cnisup.protocol import envelope, exitcodes, reach
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import STARTED, CurveClient, Gap, Subscriber
+from cnisup.protocol.untrusted import one_line
 from cnisup.supervisor import __version__, answers, config, control, fleet, probes, render, service
 from cnisup.supervisor.history import Filters, Match, Stitch
 from cnisup.workers import logs
@@ -41,7 +42,7 @@ def _load(config_path: str | None, preset: str | None = None, log_level: str | N
     try:
         return config.load(config_path, preset=preset, log_level=log_level)
     except config.ConfigError as exc:
-        click.echo(f"cnisup: configuration error: {exc}", err=True)
+        click.echo(one_line(f"cnisup: configuration error: {exc}"), err=True)
         sys.exit(exitcodes.EX_CONFIG)
 
 

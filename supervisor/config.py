@@ -21,10 +21,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cnisup.protocol.settings import LOG_LEVELS, PRESETS, Config, ConfigError, field_docs
-from cnisup.protocol.untrusted import undecodable_at
+from cnisup.protocol.untrusted import UntrustedInputError, load_yaml, undecodable_at
 
 #: Bytes of a configuration file; every key with its comment is about 7 KiB. (What parsing
 #: the most expensive 64 KiB costs: ``make bench``, start-up rows.)
@@ -73,29 +71,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-#: libyaml where PyYAML has it (Debian's does): the pure-Python parser takes seconds for 100 KiB.
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
-_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
-
-
-def _refuse(name: str, mark: Any, problem: str) -> ConfigError:
-    return ConfigError("", f"{name}: invalid YAML at line {mark.line + 1} column {mark.column + 1}: {problem}")
-
-
-def _check_events(text: str, name: str) -> None:
-    """Refuse anchors, aliases and deep nesting from the event stream (libyaml's
-    parser does not recurse; its composer does), before anything is built."""
-    depth = 0
-    for event in yaml.parse(text, Loader=_SafeLoader):
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _refuse(name, event.start_mark, "anchors and aliases (& and *) are not allowed")
-        if isinstance(event, _OPEN):
-            depth += 1
-            if depth > MAX_CONFIG_DEPTH:
-                raise _refuse(name, event.start_mark, f"nested more than {MAX_CONFIG_DEPTH} levels deep")
-        elif isinstance(event, _CLOSE):
-            depth -= 1
 
 
 def _read_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -112,26 +87,10 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
 
 def parse_yaml(data: bytes, name: str) -> Any:
     """The YAML document in ``data``; ``ConfigError`` naming ``name`` and the position."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError("", f"{name}: larger than {MAX_CONFIG_BYTES} bytes")
-    if (at := undecodable_at(data)) is not None:
-        raise ConfigError("", f"{name}: not UTF-8 at byte {at}")
-    text = data.decode("utf-8")
     try:
-        _check_events(text, name)
-        return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader: plain data only
-    except ConfigError:
-        raise
-    except yaml.MarkedYAMLError as exc:
-        where = exc.problem_mark or exc.context_mark
-        at_ = f" at line {where.line + 1} column {where.column + 1}" if where else ""
-        raise ConfigError("", f"{name}: invalid YAML{at_}: {exc.problem or exc.context}") from None
-    except yaml.reader.ReaderError as exc:
-        code = exc.character if isinstance(exc.character, int) else ord(exc.character or "\0")
-        raise ConfigError("", f"{name}: invalid YAML: character U+{code:04X} at character {exc.position} "
-                              "is not allowed") from None
-    except Exception as exc:  # a value the constructor rejects (a 5,000-digit int, 2024-13-45)
-        raise ConfigError("", f"{name}: invalid YAML: {type(exc).__name__}: {exc}") from None
+        return load_yaml(data, what=name, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
+    except UntrustedInputError as exc:
+        raise ConfigError("", str(exc)) from None
 
 
 def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -38,6 +38,11 @@ BAD_CONFIGS = [
     ("workers: 3\n", "workers"),
     ("- a list\n", "top level"),
     ("restart:\n  flap_threshold: 2.5\n", "restart.flap_threshold"),
+    ("node_name: " + "x" * 300 + "\n", "node_name: 300 characters, at most 253"),
+    ("node_name: a b\n", "node_name: must be printable"),
+    # values the YAML constructor refuses: with their position, in our words
+    ("fallback:\n  file_poll_interval: " + "9" * 5000 + "\n", "line 3 column 23: a number of 5000 digits"),
+    ("use_inotify: 2024-13-45\n", "line 2 column 14: cannot read '2024-13-45': month must be in 1..12"),
 ]
 
 
@@ -49,6 +54,7 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path, text: str, key: str)
     assert out.returncode == 78, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0] and "configuration error" in lines[0], out.stderr
+    assert len(lines[0]) <= 300, lines[0]
     assert not (tmp_path / "run" / "cnisup.lock").exists()  # nothing was started
 
 

@@ -358,6 +358,48 @@ def test_no_kubeconfig_exit_77_then_fallback_fails_and_is_reported(k8s_tmp: Path
         assert c.stop() == 0
 
 
+HOSTILE_KUBECONFIGS = {
+    "deep": "[" * 5000 + "]" * 5000,
+    "aliases": "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n",
+    "not-yaml": "[\n",
+    "binary": "\udcff\udcfe",
+}
+
+
+@pytest.mark.parametrize("content", HOSTILE_KUBECONFIGS.values(), ids=HOSTILE_KUBECONFIGS.keys())
+def test_a_hostile_kubeconfig_is_one_line_for_check_and_the_workers(k8s_tmp: Path, content: str) -> None:
+    """The kubeconfig is a file someone else wrote: ``check`` names its problem in one
+    line for both workers and exits 1 (no traceback, no recursion); the supervisor
+    starts the fallback, whose probe refuses it with exit 77: re-probed, not restarted
+    in a loop (a fixed kubeconfig is picked up without a reload)."""
+    kc = k8s_tmp / "kubeconfig"
+    kc.write_bytes(content.encode("utf-8", "surrogateescape"))
+    c = k8s_cnisup(k8s_tmp, "k8s-informer", kc)
+    out = subprocess.run([CNISUP, "check", "--json", "--config", str(c.config_path)], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    fam = next(f for f in json.loads(out.stdout)["families"] if f["family"] == "k8s")
+    for worker in ("k8s-informer", "kubectl"):
+        why = fam["probes"][worker]["reason"]
+        assert why.startswith(f"{kc} (kubernetes.kubeconfig): ") and len(why) <= 300, why
+    from cnisup.supervisor import config
+    from cnisup.workers.k8s import probes
+    audit = probes.rbac(config.load(c.config_path))  # run only when a worker can: here, straight
+    assert not audit.ok and audit.reason.startswith(f"not checked: ValueError: {kc} ") and len(audit.reason) <= 400
+    ev = c.subscribe()
+    c.start()
+    try:
+        failed = ev.wait("supervisor.worker.failed", 15, family="k8s")
+        assert failed["data"]["worker"] == "kubectl" and failed["data"]["exit_code"] == 77, failed["data"]
+        assert "kubernetes.kubeconfig" in failed["data"]["reason"] and len(failed["data"]["reason"]) <= 400
+        ev.collect(2.0)
+        assert len([e for e in ev.seen if e["kind"] == "supervisor.worker.started"
+                    and e["data"]["family"] == "k8s"]) == 1
+    finally:
+        assert c.stop() == 0
+    assert "Traceback" not in c.log_path.read_text()
+
+
 def test_a_node_without_kubernetes_is_idle_and_says_so_once_at_info(k8s_tmp: Path) -> None:
     """No kubernetes.kubeconfig, no in-cluster service, no $KUBECONFIG, no
     ~/.kube/config: not a fault (no ERROR, no WARNING, no exit 77), and not a

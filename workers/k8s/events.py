@@ -23,6 +23,7 @@ from typing import Any
 
 from cnisup.protocol.kinds import K8sKind
 from cnisup.protocol.settings import Config
+from cnisup.protocol.untrusted import UntrustedInputError, load_yaml
 from cnisup.workers import backoff
 from cnisup.workers.errors import CapabilityMissing, NoClusterConfig
 
@@ -81,6 +82,26 @@ def locate(configured: str, environ: Mapping[str, str] | None = None) -> Access:
     tried.append(f"{home} (no such file)")
     raise NoClusterConfig("no Kubernetes client configuration: kubernetes.kubeconfig is empty; tried "
                             + "; ".join(tried))
+
+
+#: A kubeconfig with embedded certificates is a few KiB; one of a thousand contexts, a few hundred.
+MAX_KUBECONFIG_BYTES = 1 << 20
+#: Its sections nest four levels deep (users[].user.exec.env[]).
+MAX_KUBECONFIG_DEPTH = 32
+
+
+def read_kubeconfig(access: Access) -> Any:
+    """The kubeconfig's YAML, read as the untrusted file it is (size, nesting, no
+    aliases, UTF-8): the kubernetes client's own loader and the check's both read
+    it with ``yaml.safe_load``, which recurses without bound and expands aliases.
+    ``ValueError`` in one bounded line; ``OSError`` when it cannot be read."""
+    with open(access.path, "rb") as f:
+        data = f.read(MAX_KUBECONFIG_BYTES + 1)
+    try:
+        return load_yaml(data, what=f"{access.path} ({access.origin})", max_bytes=MAX_KUBECONFIG_BYTES,
+                         max_depth=MAX_KUBECONFIG_DEPTH)
+    except UntrustedInputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 #: Reconnect backoff of both workers: 0.25 s doubling to 30 s, plus up to 0.5 s jitter.

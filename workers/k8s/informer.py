@@ -47,7 +47,7 @@ from cnisup.protocol.settings import Config
 from cnisup.workers.base import Worker, WorkerContext
 from cnisup.workers.errors import CapabilityMissing, WorkerConfigError
 from cnisup.workers.k8s import events
-from cnisup.workers.k8s.events import Access, Resource, Tracker
+from cnisup.workers.k8s.events import Access, Resource, Tracker, read_kubeconfig
 
 log = logging.getLogger("cnisup.k8s-informer")
 
@@ -100,6 +100,7 @@ def client_configuration(access: Access) -> kclient.Configuration:
         if access.mode == "in-cluster":
             kconfig.load_incluster_config(client_configuration=conf)
         else:
+            read_kubeconfig(access)  # refuses what would exhaust the client's own yaml.safe_load
             kconfig.load_kube_config(config_file=access.path, client_configuration=conf, persist_config=False)
     except PermissionError as exc:
         raise CapabilityMissing(f"{access.path} ({access.origin}): {exc.strerror}") from exc

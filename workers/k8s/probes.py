@@ -25,8 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from cnisup.protocol.settings import Config
 from cnisup.workers import privileges
 from cnisup.workers.errors import CapabilityMissing, NoClusterConfig
@@ -66,6 +64,11 @@ def _access(cfg: Config, details: dict[str, Any]) -> CapabilityMissing | None:
     except CapabilityMissing as exc:
         return exc
     details["client_config"] = {"mode": access.mode, "path": access.path, "from": access.origin}
+    if access.mode == "kubeconfig":
+        try:
+            events.read_kubeconfig(access)  # what neither worker could use is said here, once
+        except (OSError, ValueError) as exc:
+            return CapabilityMissing(str(exc) if isinstance(exc, ValueError) else f"{access.path}: {exc.strerror}")
     account = _account(cfg)
     if access.mode == "kubeconfig" and os.geteuid() == 0 and not _readable_by(access.path, account):
         details["warning"] = f"{access.path} is not readable by {account.pw_name}, whom the workers run as"
@@ -174,8 +177,7 @@ def _endpoint(access: events.Access, tmp: str) -> _Endpoint:
         return _Endpoint(f"https://{host}:{os.environ.get('KUBERNETES_SERVICE_PORT', '443')}",
                          ssl.create_default_context(cafile=os.path.join(access.path, "ca.crt")),
                          {"Authorization": f"Bearer {bearer}"})
-    with open(access.path) as f:
-        kc = yaml.safe_load(f)
+    kc = events.read_kubeconfig(access)
     if not isinstance(kc, Mapping):
         raise ValueError("not a kubeconfig")
     context = _named(kc.get("contexts"), kc.get("current-context"), "context")
