@@ -6,6 +6,7 @@ neither exhaust the reader nor flood a log or a terminal with its error."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import yaml
@@ -60,6 +61,9 @@ def load_json(raw: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
     except RecursionError:
         raise UntrustedInputError(f"{what} nested more than {max_depth} levels deep") from None
     except ValueError as exc:
+        if "digits" in str(exc):  # Python's own text advises sys.set_int_max_str_digits()
+            raise UntrustedInputError(f"{what} holds a number of more than {sys.get_int_max_str_digits()} "
+                                      "digits") from None
         raise UntrustedInputError(f"{what} is not JSON: {exc}") from None
     if not nested_within(value, max_depth):
         raise UntrustedInputError(f"{what} nested more than {max_depth} levels deep")
@@ -88,16 +92,38 @@ class _Loader(_Base):  # type: ignore[misc,valid-type]
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
+class _UniqueKeysLoader(_Loader):
+    """Refuses a key given twice in one mapping (YAML says keys are unique; PyYAML
+    keeps the last one silently, and a config whose second ``node_name`` wins is a
+    mistake nobody sees)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor says so below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {str(key)[:40]!r} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+
+
 def _mark(mark: Any) -> str:
     return f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
 
 
-def load_yaml(data: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
+def load_yaml(data: bytes, *, what: str, max_bytes: int, max_depth: int, unique_keys: bool = False) -> Any:
     """The YAML document in ``data``, plain data only; ``UntrustedInputError``
     naming ``what`` and the position when it is larger than ``max_bytes``, not
     UTF-8, uses anchors or aliases (an alias expands without bound: the "billion
     laughs"), nests deeper than ``max_depth`` (the composer recurses: checked on
-    the parser's events first) or is not YAML."""
+    the parser's events first) or is not YAML; with ``unique_keys``, also when
+    a mapping repeats a key."""
+    loader = _UniqueKeysLoader if unique_keys else _Loader
     if len(data) > max_bytes:
         raise UntrustedInputError(f"{what}: larger than {max_bytes} bytes")
     if (at := undecodable_at(data)) is not None:
@@ -116,7 +142,7 @@ def load_yaml(data: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
                                               f"nested more than {max_depth} levels deep")
             elif isinstance(event, _CLOSE):
                 depth -= 1
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         where = exc.problem_mark or exc.context_mark
         raise UntrustedInputError(f"{what}: invalid YAML{_mark(where)}: {exc.problem or exc.context}") from None

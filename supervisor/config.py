@@ -88,7 +88,7 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
 def parse_yaml(data: bytes, name: str) -> Any:
     """The YAML document in ``data``; ``ConfigError`` naming ``name`` and the position."""
     try:
-        return load_yaml(data, what=name, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
+        return load_yaml(data, what=name, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH, unique_keys=True)
     except UntrustedInputError as exc:
         raise ConfigError("", str(exc)) from None
 

@@ -47,28 +47,31 @@ def _check(st: os.stat_result, path: str, what: str) -> None:
                       f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it")
 
 
-def open_dir(path: str, *, mode: int = DIR_MODE, dir_fd: int | None = None, what: str = "runtime_dir") -> int:
-    """An fd of directory ``path`` (relative to ``dir_fd`` if given): created with
-    ``mode`` if missing; refused if it is a symlink, not ours or writable by others."""
+def open_dir(path: str, *, mode: int = DIR_MODE, dir_fd: int | None = None, what: str = "runtime_dir",
+             shown: str | None = None) -> int:
+    """An fd of directory ``path`` (relative to ``dir_fd`` if given, then named
+    ``shown`` in errors): created with ``mode`` if missing; refused if it is a
+    symlink, not ours or writable by others."""
     created = False
+    name = shown or path
     try:
         os.mkdir(path, mode, dir_fd=dir_fd)
         created = True
     except FileExistsError:
         pass
     except OSError as exc:
-        raise Refused(f"cannot create {what} {path}: {exc.strerror}") from None
+        raise Refused(f"cannot create {what} {name}: {exc.strerror}") from None
     try:
         fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         why = exc.strerror
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             why = "a symlink" if stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode) else "not a directory"
-        raise Refused(f"{what} {path} is {why}; refusing to use it") from None
+        raise Refused(f"{what} {name} is {why}; refusing to use it") from None
     try:
         if created:
             os.fchmod(fd, mode)  # mkdir's mode went through the umask
-        _check(os.fstat(fd), path, what)
+        _check(os.fstat(fd), name, what)
     except BaseException:
         os.close(fd)
         raise

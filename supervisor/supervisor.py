@@ -127,8 +127,10 @@ class Supervisor:
         try:
             dir_fd = runtime.ensure(self.cfg.runtime_dir)
             try:
-                os.close(runtime.open_dir("private", mode=0o711, dir_fd=dir_fd, what="private dir"))
+                # The lock first: a second instance is refused before it touches anything.
                 self._lock_fd = runtime.lock(dir_fd, os.path.basename(self.cfg.lock_path), self.cfg.lock_path)
+                os.close(runtime.open_dir("private", mode=0o711, dir_fd=dir_fd, what="private dir",
+                                          shown=os.path.join(self.cfg.runtime_dir, "private")))
             finally:
                 os.close(dir_fd)
         except runtime.Refused as exc:

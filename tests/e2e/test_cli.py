@@ -43,6 +43,7 @@ BAD_CONFIGS = [
     # values the YAML constructor refuses: with their position, in our words
     ("fallback:\n  file_poll_interval: " + "9" * 5000 + "\n", "line 3 column 23: a number of 5000 digits"),
     ("use_inotify: 2024-13-45\n", "line 2 column 14: cannot read '2024-13-45': month must be in 1..12"),
+    ("node_name: a\ncni:\n  conf_dirs: [/a]\nnode_name: b\n", "line 5 column 1: the key 'node_name' is given twice"),
 ]
 
 
