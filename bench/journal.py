@@ -180,7 +180,7 @@ def synthetic(db: Path, events: int, *, pods: int) -> dict[str, Any]:
 def _queries(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     base = world_dir("cnisup-bench-journal-q-")
     db = base / "journal.db"
-    n = 200_000 if quick else 1_000_000
+    n = 50_000 if quick else 1_000_000
     try:
         t0 = time.monotonic()
         made = synthetic(db, n, pods=20_000)

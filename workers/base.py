@@ -35,7 +35,8 @@ from cnisup.workers.spec import status_line
 
 _PAGE = resource.getpagesize()
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
-#: Seconds between heartbeats while a worker publishes (when idle: heartbeat_interval / 2).
+#: Seconds between heartbeats while a worker publishes (when idle: heartbeat_interval / 2),
+#: and from the end of a burst to the heartbeat that reports it (``status`` is never staler).
 BUSY_BEAT_S = 1.0
 
 
@@ -56,6 +57,7 @@ class WorkerContext:
         self._last_beat = 0.0
         self._beat_counts = (0, 0)  #: (sent, dropped) at the last heartbeat
         self._info: dict[str, Any] = {}
+        self._info_changed = False  #: set_info since the last heartbeat
         self._describe: Callable[[], dict[str, Any]] | None = None
 
     # -- the bus -----------------------------------------------------------
@@ -73,6 +75,7 @@ class WorkerContext:
     # -- liveness ----------------------------------------------------------
     def set_info(self, **info: Any) -> None:
         """Worker-specific details shown by ``cnisup status``."""
+        self._info_changed |= any(self._info.get(k, self) != v for k, v in info.items())
         self._info.update(info)
 
     def describe(self, fn: Callable[[], dict[str, Any]]) -> None:
@@ -88,17 +91,22 @@ class WorkerContext:
         at most every BUSY_BEAT_S while events flow (its counters stay fresh)."""
         now = time.monotonic()
         since = now - self._last_beat
-        news = (self.bus.sent, self.bus.dropped) != self._beat_counts
-        if not force and since < self._beat_every_s and not (news and since >= BUSY_BEAT_S):
+        if not force and since < self._beat_every_s and not (self._unreported and since >= BUSY_BEAT_S):
             return
         self._last_beat = now
         self._beat_counts = (self.bus.sent, self.bus.dropped)
+        self._info_changed = False
         if self._describe is not None:
             self._info.update(self._describe())
         self.bus.drain()
         stamp = self.bus.stamp
         self.status("hb", sent=self.bus.sent, dropped=self.bus.dropped, seq=stamp.seq, kseq=stamp.kseqs,
                     rss=rss_bytes(), info=self._info)
+
+    @property
+    def _unreported(self) -> bool:
+        """Published or changed something the last heartbeat did not report."""
+        return self._info_changed or (self.bus.sent, self.bus.dropped) != self._beat_counts
 
     def status(self, kind: str, **fields: Any) -> None:
         """One line to the supervisor; never blocks (a full pipe loses a beat)."""
@@ -129,7 +137,8 @@ class WorkerContext:
         while True:
             self.heartbeat()
             now = time.monotonic()
-            wake = self._last_beat + self._beat_every_s
+            # After a burst, one more beat BUSY_BEAT_S later reports its end; then the long sleep.
+            wake = self._last_beat + (BUSY_BEAT_S if self._unreported else self._beat_every_s)
             if deadline is not None:
                 wake = min(wake, deadline)
             ready = {fd for fd, _ in poller.poll(max(0.0, wake - now) * 1000)}
