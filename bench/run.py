@@ -313,13 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
+    took: dict[str, float] = {}
     for name in chosen:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        t = time.monotonic()
         r, d = COMPARISONS[name](args.quick)
+        took[name] = round(time.monotonic() - t, 1)
+        print(f"bench: {name} took {took[name]:g} s", file=sys.stderr, flush=True)
         rows += r
         details[name] = d
     results = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-               "quick": args.quick, "duration_s": time.monotonic() - t0, "comparisons": rows}
+               "quick": args.quick, "duration_s": time.monotonic() - t0, "durations_s": took, "comparisons": rows}
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
