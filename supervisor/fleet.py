@@ -44,6 +44,12 @@ MAX_MESSAGE_BYTES = 1 << 20
 FETCH_BATCH = 1000
 #: Seconds one request to the servers may take.
 REQUEST_TIMEOUT_S = 10.0
+#: Seconds ``history`` waits for the server that serves its read to catch up with the stream's leader.
+CATCH_UP_S = 60.0
+#: Seconds between looks at a lagging server's progress.
+CATCH_UP_POLL_S = 1.0
+#: ``err_code`` of the JetStream API's "no message found".
+NO_MESSAGE = 10037
 #: The kinds ``explain pod`` needs to find a pod's node.
 POD_KINDS = ("k8s.pod.", "cni.plugin.")
 
@@ -136,29 +142,94 @@ class Reader:
             click.echo(f"! skipped message {seq} on {subject[:120]}: {str(exc)[:200]}", err=True)
             return None
 
+    async def _leader_last_seq(self) -> int:
+        """The last sequence the stream's leader holds. A member that restarted and has not heard
+        from the leader yet answers stream info too, with its own (older) state and no leader named:
+        only the leader's answer is taken (a server outside a cluster names none)."""
+        import asyncio
+
+        for _ in range(int(REQUEST_TIMEOUT_S / 0.1)):
+            si = await self.js.stream_info(self.n.stream)
+            if si.cluster is None or si.cluster.leader:
+                return si.state.last_seq
+            await asyncio.sleep(0.1)
+        raise StreamError(f"stream {self.n.stream!r}: no leader answered within {REQUEST_TIMEOUT_S:g} s")
+
+    async def _leader_has(self, subject: str, after: int, end: int) -> bool:
+        """Whether the stream's leader (the only server that answers this) holds a message on
+        ``subject`` with a sequence in ``after + 1 .. end``."""
+        import nats.js.errors
+
+        if after >= end:
+            return False
+        try:
+            m = await self.js.get_msg(self.n.stream, seq=after + 1, subject=subject, next=True)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == NO_MESSAGE:
+                return False
+            raise
+        return m.seq is not None and m.seq <= end
+
     async def history(self, subject: str, since_ns: int | None) -> AsyncIterator[tuple[dict[str, Any], str]]:
-        """Every message on ``subject`` (from ``since_ns``), in stream order, to the end as it is now."""
+        """Every message on ``subject`` (from ``since_ns``), in stream order, to the end the stream's
+        leader holds now.
+
+        The consumer is R1 on any replica of the stream and counts and delivers from that server's
+        store. A member that restarted may still be catching up: its "nothing pending" ends
+        the read early. So the end is the leader's, and when the consumer says nothing is pending
+        before it, the leader is asked whether a message on the subject lies between: if one does,
+        the read waits for the server to catch up (a note on stderr), and fails rather than print a
+        history with a hole if it delivers nothing for ``CATCH_UP_S``."""
+        import asyncio
+
         import nats.errors
         import nats.js.errors
 
         try:
+            end = await self._leader_last_seq()
             sub = await self.js.pull_subscribe(subject, stream=self.n.stream, config=self._config(since_ns))
-            pending = (await sub.consumer_info()).num_pending
+            ci = await sub.consumer_info()
         except nats.js.errors.NotFoundError:
             raise StreamError(f"export.nats.stream: no stream {self.n.stream!r} on the server") from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise StreamError(f"stream {self.n.stream!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        pending = ci.num_pending
+        at = ci.delivered.stream_seq if ci.delivered else 0  # the last sequence the consumer passed
+        noted, stalled_since = False, None  # the server is behind; since when it delivered nothing
+        loop = asyncio.get_running_loop()
         try:
-            while pending:
+            while True:
+                if not pending:
+                    try:
+                        behind = await self._leader_has(subject, at, end)
+                    except (nats.errors.Error, TimeoutError) as exc:
+                        raise StreamError(f"stream {self.n.stream!r}: {type(exc).__name__}: {str(exc)[:200]}"
+                                          ) from None
+                    if not behind:
+                        return
+                    if not noted:
+                        noted = True
+                        click.echo(f"cnisup: the server serving this read is behind the leader of stream "
+                                   f"{self.n.stream!r} (a member catching up?): waiting for it", err=True)
+                    stalled_since = stalled_since or loop.time()
+                    if loop.time() - stalled_since > CATCH_UP_S:
+                        raise StreamError(f"stream {self.n.stream!r}: the server serving this read holds less "
+                                          f"than the stream's leader (read up to sequence {at} of {end}) and "
+                                          f"delivered nothing more for {CATCH_UP_S:g} s; try again")
                 try:
-                    msgs = await sub.fetch(FETCH_BATCH, timeout=REQUEST_TIMEOUT_S)
+                    msgs = await sub.fetch(FETCH_BATCH, timeout=REQUEST_TIMEOUT_S if pending else CATCH_UP_POLL_S)
                 except (nats.errors.TimeoutError, TimeoutError):
+                    if not pending:
+                        continue  # still catching up: ask the leader again
                     raise StreamError(f"stream {self.n.stream!r}: no messages within {REQUEST_TIMEOUT_S:g} s"
                                       ) from None
+                stalled_since = None
                 for m in msgs:
                     meta = m.metadata
                     pending = meta.num_pending
-                    got = self._take(m.subject, m.data, meta.sequence.stream if meta.sequence else None)
+                    seq = meta.sequence.stream if meta.sequence else None
+                    at = seq if seq is not None else at
+                    got = self._take(m.subject, m.data, seq)
                     if got is not None:
                         yield got
         finally:

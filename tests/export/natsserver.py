@@ -178,6 +178,23 @@ class Cluster:
                         return str(sd["cluster"]["leader"])
         return None
 
+    def stream_states(self, stream: str) -> list[str]:
+        """One line per server: what its replica of the stream holds and whom it takes for the
+        leader (a failed read shows whether the replicas disagree)."""
+        lines = []
+        for s in self.servers:
+            status, body = http_json(s.http_port, "/jsz?accounts=true&streams=true", timeout_s=2.0) \
+                if s.alive() else (None, None)
+            details = [sd for account in (body or {}).get("account_details") or []
+                       for sd in account.get("stream_detail") or [] if sd.get("name") == stream]
+            if status != 200 or not details:
+                lines.append(f"{s.name}: {'down' if not s.alive() else f'no answer ({status})'}")
+                continue
+            st, cl = details[0].get("state") or {}, details[0].get("cluster") or {}
+            lines.append(f"{s.name}: {st.get('messages')} messages, seq {st.get('first_seq')}..{st.get('last_seq')}, "
+                         f"leader {cl.get('leader')}")
+        return lines
+
     def wait_stream_leader(self, stream: str, timeout_s: float = 60.0) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

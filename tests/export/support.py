@@ -14,6 +14,7 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cnisup.protocol import envelope
@@ -71,30 +72,65 @@ class Stored:
         return value
 
 
+#: Seconds a read waits for the replica serving it to deliver what the stream's leader holds.
+CATCH_UP_S = 60.0
+
+
+async def _leader_count(js: JetStreamContext, stream: str, subject: str, deadline: float) -> int:
+    """How many messages on ``subject`` the stream's leader holds. A member that restarted and has
+    not heard from the leader yet answers stream info too, with its own state and no leader named:
+    only the leader's answer counts (a single server names no cluster)."""
+    while True:
+        si = await js.stream_info(stream, subjects_filter=None if subject == ">" else subject)
+        if si.cluster is None or si.cluster.leader:
+            return si.state.messages if subject == ">" else sum((si.state.subjects or {}).values())
+        if time.monotonic() > deadline:
+            raise AssertionError(f"stream {stream}: no answer from its leader within {CATCH_UP_S:g} s")
+        await asyncio.sleep(0.1)
+
+
 async def _read(servers: list[str], stream: str, subject: str, opts: dict[str, Any]) -> list[Stored]:
     nc = await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, **opts)
     try:
         js = nc.jetstream(timeout=10)
+        deadline = time.monotonic() + CATCH_UP_S
+        # The end is what the stream's leader holds. The consumer's own count cannot say: an ephemeral
+        # consumer is R1 on any replica of the stream and counts and delivers from that replica's
+        # store, which after a member restarted can still be catching up. Counted before the consumer
+        # exists, so what the read must deliver is the first `held` messages of the stream (in order,
+        # whatever is added meanwhile comes after them).
+        held = await _leader_count(js, stream, subject, deadline)
+        out: list[Stored] = []
+        if held == 0:
+            return out
         sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
             ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0))
-        out: list[Stored] = []
-        if (await sub.consumer_info()).num_pending == 0:
-            return out
-        while True:
-            msgs = await sub.fetch(1000, timeout=10)
+        while len(out) < held:
+            try:
+                msgs = await sub.fetch(1000, timeout=2)
+            except nats.errors.TimeoutError:
+                if time.monotonic() < deadline:
+                    # Its replica is behind the leader: it delivers the rest once it caught up.
+                    print(f"read_stream: {len(out)} of {held} delivered, waiting")
+                    continue
+                ci = await sub.consumer_info()
+                raise AssertionError(
+                    f"stream {stream}: the consumer on {ci.cluster.leader if ci.cluster else '?'} delivered "
+                    f"{len(out)} messages, up to sequence {out[-1].seq if out else 0}; the leader holds {held}: "
+                    f"no catch-up in {CATCH_UP_S:g} s") from None
             for m in msgs:
                 assert m.metadata.sequence is not None
                 out.append(Stored(m.metadata.sequence.stream, m.subject, (m.headers or {}).get("Nats-Msg-Id"),
                                   m.data.decode()))
-            if msgs[-1].metadata.num_pending == 0:
-                return out
+        return out
     finally:
         await nc.close()
 
 
 def read_stream(servers: list[str], stream: str = "CNISUP", subject: str = ">", **opts: Any) -> list[Stored]:
-    """Every message of the stream (matching ``subject``), in stream order. Retried while a
-    cluster that lost a member elects new leaders (requests time out meanwhile)."""
+    """Every message of the stream (matching ``subject``), in stream order: at least all that its
+    leader held when the read started. Retried while a cluster that lost a member elects new
+    leaders (requests time out meanwhile)."""
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -103,17 +139,6 @@ def read_stream(servers: list[str], stream: str = "CNISUP", subject: str = ">", 
             print(f"read_stream: {exc!r}, retrying")
             if time.monotonic() > deadline:
                 raise
-
-
-def stream_state(servers: list[str], stream: str = "CNISUP") -> dict[str, Any]:
-    async def info() -> dict[str, Any]:
-        nc = await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0)
-        try:
-            si = await nc.jetstream(timeout=10).stream_info(stream)
-            return {"messages": si.state.messages, "last_seq": si.state.last_seq}
-        finally:
-            await nc.close()
-    return asyncio.run(info())
 
 
 def check_exactly_once(stored: list[Stored], sent: list[dict[str, Any]]) -> None:

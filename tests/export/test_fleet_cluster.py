@@ -136,7 +136,9 @@ def test_a_cluster_server_killed_mid_stream_loses_nothing(
     finally:
         victim.start()
         nats_cluster.wait_meta()
-    # ... is there, once. (Read with the member back: 2.9 can take long to place a new consumer meanwhile.)
+    # ... is there, once. (Read with the member back: 2.9 can take long to place a new consumer meanwhile.
+    # The read may be served by the member still catching up: it goes on to the leader's last message.)
+    print("before the read:", "; ".join(nats_cluster.stream_states(dest.stream)))
     check_exactly_once(read_stream(nats_cluster.urls, dest.stream), sent + live)
     print(f"stream leader {leader} killed: {hb['info']['errors']} errors, {hb['info']['duplicates']} "
           "duplicates dropped, nothing lost")
