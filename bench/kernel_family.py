@@ -527,10 +527,10 @@ def _idle_rows(res: dict[str, Any], per_k: dict[str, float]) -> list[dict[str, A
         {"name": NAME_IDLE, "metric": "supervisor RSS with the kernel family on", "primary":
          res["supervisor_rss_kernel"], "fallback": None, "ratio": None, "unit": "bytes",
          "note": "its probe does not import BCC: no libbcc or LLVM mapped"},
-        {"name": NAME_IDLE, "metric": "kernel worker start to ready (cnisup start -> worker ready)",
-         "primary": res["ebpf_ready_s"], "fallback": res["proc_poll_ready_s"], "ratio": None, "unit": "s",
-         "note": f"of which BTF offsets + compile + load + listeners {res['ebpf_start_s']} s "
-                 f"(compile + load {res['ebpf_load_s']} s); fallback column: proc-poll"},
+        row(NAME_IDLE, "kernel worker start to ready (cnisup start -> worker ready)", res["ebpf_ready_s"],
+            res["proc_poll_ready_s"], "s",
+            note=f"of which BTF offsets + compile + load + listeners {res['ebpf_start_s']} s "
+                 f"(compile + load {res['ebpf_load_s']} s); fallback column: proc-poll"),
     ]
     return rows
 

@@ -138,7 +138,8 @@ class WorkerContext:
             self.heartbeat()
             now = time.monotonic()
             # After a burst, one more beat BUSY_BEAT_S later reports its end; then the long sleep.
-            wake = self._last_beat + (BUSY_BEAT_S if self._unreported else self._beat_every_s)
+            wake = self._last_beat + (min(BUSY_BEAT_S, self._beat_every_s) if self._unreported
+                                      else self._beat_every_s)
             if deadline is not None:
                 wake = min(wake, deadline)
             ready = {fd for fd, _ in poller.poll(max(0.0, wake - now) * 1000)}
