@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cnisup.protocol import control, envelope
+from cnisup.protocol.settings import Nats
 from cnisup.workers.bus import Bus
 from cnisup.workers.journal.store import Store
 from tests.export import natsserver
@@ -96,19 +97,66 @@ def _prefill(path: Path, n: int) -> None:
             os.chown(p, path.parent.stat().st_uid, path.parent.stat().st_gid)
 
 
+class _StreamFill(threading.Thread):
+    """Watches the (fresh) stream fill up, asking the server every 20 ms: the rate is
+    (messages - those at the first look that saw any) / the time between, independent
+    of the worker's own status (refreshed about once a second)."""
+
+    def __init__(self, servers: list[str], n: int, timeout_s: float) -> None:
+        super().__init__(daemon=True)
+        self.servers, self.n, self.timeout_s = servers, n, timeout_s
+        self.rate: float | None = None
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self.rate = asyncio.run(self._watch())
+        except Exception as exc:  # reported by the caller
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    async def _watch(self) -> float:
+        import nats
+
+        nc = await nats.connect(self.servers, error_cb=_quiet)
+        js, t0 = nc.jetstream(), time.monotonic()
+        first: tuple[float, int] | None = None
+        try:
+            while time.monotonic() - t0 < self.timeout_s:
+                try:
+                    have = (await js.stream_info(Nats().stream)).state.messages
+                except nats.js.errors.NotFoundError:
+                    have = 0  # not created yet
+                now = time.monotonic()
+                if have and first is None:
+                    first = (now, have)
+                if first is not None and have >= self.n and have > first[1]:
+                    return (have - first[1]) / (now - first[0])
+                if first is not None and have >= self.n:
+                    raise RuntimeError(f"all {self.n} were stored between two looks 20 ms apart: too few to time")
+                await asyncio.sleep(0.02)
+            raise TimeoutError(f"the stream did not reach {self.n} messages within {self.timeout_s} s")
+        finally:
+            await nc.close()
+
+
 def _throughput(servers: list[str], replicas: int, n: int) -> dict[str, Any]:
     base = world_dir("cnisup-bench-export-")
     jdir = _owned_journal_dir(base)
     _prefill(jdir / "journal.db", n)
     inst = _instance(base, servers, replicas=replicas)
+    fill = _StreamFill(servers, n, 300)
+    fill.start()
     inst.start()
     try:
         worker = inst.wait_running("export")
         cpu0 = cpu_seconds_fine(worker["pid"])
-        seconds = _wait_caught_up(inst, 300, least_acked=n)
+        fill.join()
+        if fill.rate is None:
+            raise RuntimeError(f"export throughput not measured: {fill.error}")
+        _wait_caught_up(inst, 60, least_acked=n)
         cpu = cpu_seconds_fine(worker["pid"]) - cpu0
         w = _export(inst)
-        return {"events": n, "seconds": seconds, "rate": n / seconds, "cpu_ms_per_1000": cpu / n * 1e6,
+        return {"events": n, "seconds": n / fill.rate, "rate": fill.rate, "cpu_ms_per_1000": cpu / n * 1e6,
                 "rss": w["rss_bytes"], "duplicates": w["info"]["duplicates"]}
     finally:
         inst.stop()

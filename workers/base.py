@@ -58,6 +58,7 @@ class WorkerContext:
         self._beat_counts = (0, 0)  #: (sent, dropped) at the last heartbeat
         self._info: dict[str, Any] = {}
         self._info_changed = False  #: set_info since the last heartbeat
+        self._woke = False  #: ``wait`` returned ready fds since the last heartbeat (describe() may differ)
         self._describe: Callable[[], dict[str, Any]] | None = None
 
     # -- the bus -----------------------------------------------------------
@@ -95,7 +96,7 @@ class WorkerContext:
             return
         self._last_beat = now
         self._beat_counts = (self.bus.sent, self.bus.dropped)
-        self._info_changed = False
+        self._info_changed = self._woke = False
         if self._describe is not None:
             self._info.update(self._describe())
         self.bus.drain()
@@ -105,8 +106,8 @@ class WorkerContext:
 
     @property
     def _unreported(self) -> bool:
-        """Published or changed something the last heartbeat did not report."""
-        return self._info_changed or (self.bus.sent, self.bus.dropped) != self._beat_counts
+        """Published, changed or handled something the last heartbeat did not report."""
+        return self._woke or self._info_changed or (self.bus.sent, self.bus.dropped) != self._beat_counts
 
     def status(self, kind: str, **fields: Any) -> None:
         """One line to the supervisor; never blocks (a full pipe loses a beat)."""
@@ -147,6 +148,7 @@ class WorkerContext:
                 self._stopping = True
                 return set()
             if ready:
+                self._woke = True
                 return ready & watched
             if deadline is not None and time.monotonic() >= deadline:
                 return set()
