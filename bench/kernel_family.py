@@ -298,6 +298,10 @@ class HostChanges:
         self.sock.close()
 
 
+#: publish.progress_interval of the idle stretch's instance (seconds).
+PROGRESS_S = 1.0
+
+
 def _idle_all(base: Path, bin_dir: Path, plan: Plan) -> dict[str, Any]:
     """Every process of one ``cnisup start`` (production preset, every family,
     the journal on) over a quiet stretch: CPU and wake-ups per hour."""
@@ -310,7 +314,10 @@ def _idle_all(base: Path, bin_dir: Path, plan: Plan) -> dict[str, Any]:
         sub.chmod(mode)
     inst = Instance(d, config={"monitors": {"kernel": True, "config": True, "k8s": True},
                                "cni": {"bin_dirs": [str(bin_dir)], "conf_dirs": [str(conf)]},
-                               "journal": {"enabled": True, "path": str(journal / "journal.db")}})
+                               "journal": {"enabled": True, "path": str(journal / "journal.db")},
+                               # supervisor.progress repeats 4 times after the last event (1+2+4+8 s
+                               # here; 30+60+120+240 s by default): over before the idle stretch
+                               "publish": {"progress_interval": PROGRESS_S}})
     inst.start()
     try:
         inst.wait_running("config")  # the control socket answers from here on
@@ -322,7 +329,8 @@ def _idle_all(base: Path, bin_dir: Path, plan: Plan) -> dict[str, Any]:
                 raise Unavailable(f"not every worker is running: {status['workers']}")
             time.sleep(0.5)
             status = inst.status()
-        time.sleep(min(5.0, plan.idle_all_s / 3))  # the start-up's busy heartbeats are over
+        # the start-up's trailing heartbeats and the progress repeats are over
+        time.sleep(min(PROGRESS_S * 16, plan.idle_all_s / 3))
         status = inst.status()
         pids = {"supervisor": int(status["supervisor"]["pid"])}
         pids |= {w["worker"]: int(w["pid"]) for w in status["workers"] if w["state"] == "running" and w.get("pid")}
