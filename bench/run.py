@@ -41,7 +41,7 @@ def _fmt(v: Any, unit: str) -> str:
     if isinstance(v, float) and v != v:
         return "n/a"
     if unit == "bytes":
-        return f"{v / 2**20:.1f} MiB"
+        return f"{v / 2**20:.1f} MiB" if v >= 2**20 else f"{v:,.0f} B"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
