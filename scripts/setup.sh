@@ -19,6 +19,7 @@ APT_PACKAGES=(
   python3-nacl nats-server
   gcc libc6-dev
   podman runc
+  mandoc groff-base  # tests/packaging/test_manpage.py: the man page lints clean
 )
 
 need_apt=()
