@@ -77,7 +77,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         bus.wait_ready(10)
         counter = _Counter(listener)
         counter.start()
-        _paced(bus, 1000, 3.0 if quick else 10.0)
+        _paced(bus, 1000, 2.0 if quick else 10.0)
         time.sleep(0.5)
         lat = list(counter.latencies_ms)
         # Step the rate up until events are lost (or the publisher cannot go faster).

@@ -86,7 +86,7 @@ def _once(use_primary: bool, family: str = "config") -> dict[str, Any]:
 
 
 def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    n = 3 if quick else 7
+    n = 2 if quick else 7
     prim = [_once(True)["to_ready_s"] for _ in range(n)]
     fb = [_once(False)["to_ready_s"] for _ in range(n)]
     p, f = statistics.median(prim), statistics.median(fb)
@@ -94,7 +94,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
              "primary": p, "fallback": f, "ratio": f / p, "unit": "s", "runs": n}]
     details: dict[str, Any] = {"primary_s": prim, "fallback_s": fb}
     if os.geteuid() == 0 and Path("/usr/lib/cni").is_dir():
-        k = 2 if quick else 5
+        k = 1 if quick else 5
         ebpf = [_once(True, "kernel") for _ in range(k)]
         poll = [_once(False, "kernel") for _ in range(k)]
         details.update(kernel_primary_s=[r["to_ready_s"] for r in ebpf],
