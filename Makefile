@@ -20,7 +20,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
 
-# QUICK=1: every phase shortened (< 3 min); writes bench/results.json and docs/BENCHMARKS.md
+# QUICK=1: every phase shortened (about 2 min); writes bench/results.json and docs/BENCHMARKS.md
 bench: setup
 	$(PY) -m bench.run $(if $(QUICK),--quick,)
 

@@ -3,7 +3,7 @@ docs/BENCHMARKS.md with one plot per comparison.
 
 Each comparison runs the primary and the fallback worker under the same load
 in the same run; numbers are ratios measured side by side, so they mean
-something on a noisy machine. ``--quick`` shortens every phase (about 3 min on a quiet 2-core VM)."""
+something on a noisy machine. ``--quick`` shortens every phase (about 2 min on a quiet 2-core VM)."""
 
 from __future__ import annotations
 

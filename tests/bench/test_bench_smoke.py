@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)  # quick mode takes about 3 minutes on a quiet 2-core VM; slower beside other test runs
+@pytest.mark.timeout(420)  # quick mode takes about 2 minutes on a quiet 2-core VM; slower beside other test runs
 def test_quick_mode_writes_valid_results(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     docs = tmp_path / "docs"
