@@ -17,6 +17,7 @@ run's process.
 
 from __future__ import annotations
 
+import abc
 import ctypes as ct
 import os
 import time
@@ -35,7 +36,7 @@ class Capture(Protocol):
     def run(self) -> None: ...
 
 
-class RingConsumer:
+class RingConsumer(abc.ABC):
     """What both captures share: records off the ring buffer into ``_handle``,
     kernel clocks to wall clock, the program's loss counter."""
 
@@ -49,8 +50,9 @@ class RingConsumer:
         self._data_offset = 0
         self._seen = 0
 
+    @abc.abstractmethod
     def _handle(self, e: Any, payload: bytes) -> None:
-        raise NotImplementedError
+        """One decoded ring-buffer record (the lean and full captures each decode their own)."""
 
     def _on_event(self, _ctx: Any, data: int, size: int) -> int:
         self._seen += 1
