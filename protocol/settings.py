@@ -236,7 +236,9 @@ class Control:
 @dataclass
 class Workers:
     user: str = setting("cnisup", "Unprivileged workers run as this user (nobody if it does not exist)")
-    heartbeat_interval: Seconds = setting(1.0, "Seconds between a worker's heartbeats", check=positive)
+    heartbeat_interval: Seconds = setting(
+        1.0, "An idle worker heartbeats every half of this many seconds, all workers at the same "
+             "instants (one supervisor wake-up); a worker with news, 1 s after it", check=positive)
     heartbeat_timeout: Seconds = setting(
         10.0, "Seconds without a heartbeat before a worker counts as hung and is killed", check=positive)
     ready_timeout: Seconds = setting(30.0, "Seconds a new worker has to reach the bus", check=positive)

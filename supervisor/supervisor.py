@@ -12,6 +12,7 @@ queue a command ("stop", "reload") that the loop carries out.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -106,8 +107,11 @@ class Supervisor:
         self.proxy: Proxy | None = None
         self.control: zmq.Socket[Any] | None = None
         self._lock_fd: int | None = None
-        self._wd_interval = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
-        self._wd_next = 0.0
+        #: systemd's WatchdogSec: WATCHDOG=1 at least every half of it, and whenever the loop is
+        #: awake anyway and a quarter of it passed (an idle supervisor then wakes for the
+        #: workers' heartbeats only, not for the watchdog as well)
+        self._wd_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        self._wd_last = -math.inf
         self._progress_at = 0.0  #: when supervisor.progress may be published next
         self._progress_said: dict[str, int] = {}  #: incarnation -> seq in the last one
         self._progress_repeats = PROGRESS_REPEATS  #: repeats of an unchanged progress so far
@@ -292,11 +296,11 @@ class Supervisor:
         deadlines = [d for s in self.slots.values() if (d := s.tick()) is not None]
         if self._deferred:
             deadlines.append(self._deferred_until)
-        if self._wd_interval:
-            if now >= self._wd_next:
-                self._wd_next = now + self._wd_interval
+        if self._wd_s:
+            if now >= self._wd_last + self._wd_s / 4:
+                self._wd_last = now
                 sd_notify("WATCHDOG=1")
-            deadlines.append(self._wd_next)
+            deadlines.append(self._wd_last + self._wd_s / 2)
         progress = self._progress_due(now)
         if progress is not None:
             deadlines.append(progress)

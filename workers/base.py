@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import errno
 import logging
+import math
 import os
 import resource
 import select
@@ -87,12 +88,22 @@ class WorkerContext:
     def _beat_every_s(self) -> float:
         return self.config.workers.heartbeat_interval / 2
 
+    def _beat_due(self) -> float:
+        """When the next heartbeat is due (monotonic seconds). With news: BUSY_BEAT_S
+        after the last. Idle: on the next multiple of heartbeat_interval/2 of the
+        system-wide monotonic clock at least half a period after the last, so every
+        worker beats at the same instant and the supervisor wakes once for all of them;
+        beats are then between 1/2 and 3/2 periods apart."""
+        period = self._beat_every_s
+        if self._unreported:
+            return self._last_beat + min(BUSY_BEAT_S, period)
+        return (math.floor((self._last_beat + period / 2) / period) + 1) * period
+
     def heartbeat(self, *, force: bool = False) -> None:
         """Tell the supervisor we are alive: every heartbeat_interval/2 when idle,
         at most every BUSY_BEAT_S while events flow (its counters stay fresh)."""
         now = time.monotonic()
-        since = now - self._last_beat
-        if not force and since < self._beat_every_s and not (self._unreported and since >= BUSY_BEAT_S):
+        if not force and now < self._beat_due():
             return
         self._last_beat = now
         self._beat_counts = (self.bus.sent, self.bus.dropped)
@@ -139,8 +150,7 @@ class WorkerContext:
             self.heartbeat()
             now = time.monotonic()
             # After a burst, one more beat BUSY_BEAT_S later reports its end; then the long sleep.
-            wake = self._last_beat + (min(BUSY_BEAT_S, self._beat_every_s) if self._unreported
-                                      else self._beat_every_s)
+            wake = self._beat_due()
             if deadline is not None:
                 wake = min(wake, deadline)
             ready = {fd for fd, _ in poller.poll(max(0.0, wake - now) * 1000)}

@@ -9,6 +9,7 @@ order, so an event for the action would have come first.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pwd
@@ -32,6 +33,8 @@ POLL_S = 0.3  #: file-poll interval in these tests
 INOTIFY_POLL_S = 30.0
 #: a file written now is held ~1 s by file-poll (it may still be being written)
 WAIT_S = 5.0
+#: After start-up's news, the one trailing beat comes within BUSY_BEAT_S (1 s); then the grid.
+BUSY_SETTLE_S = 1.5
 
 Start = Callable[..., WorkerRun]
 
@@ -606,4 +609,27 @@ def test_inotify_watch_limit_polls_that_dir(world_tmp: Path, start_worker: Start
         run.wait_for("cni.config.created", since=mark, sha256=sha(conf), timeout_s=WAIT_S)
     finally:
         watches.restore()
+
+
+
+def test_idle_heartbeats_fall_on_one_clock_grid_shared_by_all_workers(world_tmp: Path, start_worker: Start) -> None:
+    """Idle, every worker beats on multiples of heartbeat_interval / 2 of the system-wide
+    monotonic clock, so the supervisor wakes once for all of them (the idle cost of the
+    production preset); after news, one beat follows within a second."""
+    interval, grid = 3.0, 1.5
+    nodes = [Node(w, world_tmp / w, start_worker, None).make_dirs() for w in WORKERS]
+    runs = [start_worker(n.worker, n.config(), heartbeat_interval_s=interval) for n in nodes]
+    for run in runs:
+        run.wait_for("cni.config.active_changed", initial=True)
+    t0 = time.monotonic()
+    deadline = t0 + 4 * grid + 1.0
+    while time.monotonic() < deadline:  # pump both often: the arrival time is the beat's time
+        for run in runs:
+            run.pump(0.01)
+    for run in runs:
+        beats = [t for t, s in run.status if s["t"] == "hb" and t > t0 + BUSY_SETTLE_S]
+        assert len(beats) >= 3, (run.name, beats)
+        offsets = [t % grid for t in beats]
+        assert all(o < 0.2 for o in offsets), (run.name, offsets)  # just after a grid point
+        assert all(grid * 0.5 < b - a <= grid * 1.5 + 0.2 for a, b in itertools.pairwise(beats)), beats
 

@@ -91,15 +91,17 @@ def kubectl(cfg: Config) -> Probe:
     if path is None:
         return Probe(False, f"kubectl not found in PATH ({os.environ.get('PATH', '')})", details)
     details["kubectl"] = path
+    # The configuration first: on a node without Kubernetes the family is re-probed every
+    # restart.reprobe_interval, and ``kubectl version`` costs ~0.1 s of CPU each time.
+    missing = _access(cfg, details)
+    if missing:
+        return Probe(False, str(missing), details, idle=isinstance(missing, NoClusterConfig))
     try:
         out = subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True, text=True,
                              timeout=KUBECTL_VERSION_TIMEOUT_S, check=False)
         details["version"] = json.loads(out.stdout)["clientVersion"]["gitVersion"]
     except (OSError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
         details["version_error"] = str(exc)
-    missing = _access(cfg, details)
-    if missing:
-        return Probe(False, str(missing), details, idle=isinstance(missing, NoClusterConfig))
     return Probe(True, f"kubectl {details.get('version', '?')}; config from {details['client_config']['from']}",
                  details)
 
