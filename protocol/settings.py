@@ -380,12 +380,16 @@ class Nats:
               "round trips, a deeper window keeps it busy (1024 x ~600 B is well under the client's buffer)",
         check=positive)
     batch: int = setting(1000, "Events read from the journal per query", check=positive)
+    live: bool = setting(
+        True, "Also publish each event as it reaches the bus, before the journal commits it (the journal "
+              "still backs every event): milliseconds of lag instead of journal.batch_interval")
     ack_timeout: Seconds = setting(
         5.0, "Seconds to wait for the stream's acknowledgement before resending from the cursor",
         check=positive)
     connect_timeout: Seconds = setting(2.0, "Seconds one connection attempt may take", check=positive)
     retry_max_delay: Seconds = setting(
-        5.0, "Cap of the backoff between reconnection attempts (from 0.1 s, doubling, jittered)",
+        1.0, "Cap of the backoff between reconnection attempts (from 0.1 s, doubling, plus up to half the cap "
+             "at random, so a fleet that lost its servers at once does not come back at once)",
         check=positive)
     commit_interval: Seconds = setting(
         0.2, "The cursor is saved at most this often: a SIGKILL resends at most this much (duplicates the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +159,12 @@ def check_exactly_once(stored: list[Stored], sent: list[dict[str, Any]]) -> None
         env = s.env
         assert env["seq"] > last.get(env["incarnation"], 0), f"out of order: {env['id']} after seq {last}"
         last[env["incarnation"]] = env["seq"]
+
+
+def journal_of(runtime_dir: Path) -> list[dict[str, Any]]:
+    """Every envelope the journal of a ``cnisup start`` (development preset) holds, in order."""
+    db = sqlite3.connect(f"file:{runtime_dir}/journal/journal.db?mode=ro", uri=True)
+    try:
+        return [json.loads(t) for (t,) in db.execute("SELECT envelope FROM events ORDER BY id")]
+    finally:
+        db.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ import natsserver
 import pytest
 from e2e.support import CNISUP, Cnisup
 from harness import WorkerRun, world_dir
-from support import Dest, check_exactly_once, envelopes, read_stream, write_journal
+from support import Dest, check_exactly_once, envelopes, journal_of, read_stream, write_journal
 
 from cnisup.protocol import subjects
 
@@ -43,11 +42,8 @@ def node(base: Path, name: str, cluster: natsserver.Cluster, dest: Dest) -> Cnis
 
 
 def journal(c: Cnisup) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{c.runtime_dir}/journal/journal.db?mode=ro", uri=True)
-    try:
-        return [json.loads(t) for (t,) in db.execute("SELECT envelope FROM events ORDER BY id")]
-    finally:
-        db.close()
+    held: list[dict[str, Any]] = journal_of(c.runtime_dir)
+    return held
 
 
 def exported(c: Cnisup, cluster: natsserver.Cluster, dest: Dest, timeout_s: float = 30.0) -> None:

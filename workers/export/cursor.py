@@ -20,6 +20,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+#: Bytes of the journal the reader maps (address space, not memory: pages come from the page cache).
+MMAP_BYTES = 256 << 20
+
 CREATE = """
 CREATE TABLE IF NOT EXISTS cursor (
     stream TEXT PRIMARY KEY,     -- where the events went: another stream starts from the beginning
@@ -133,6 +136,9 @@ class Source:
         try:
             db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
             db.execute("PRAGMA query_only = 1")
+            # Read through a memory map rather than a pread() per page: a catch-up reads the
+            # whole backlog once, at 10,000 events/s.
+            db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             db.execute("SELECT 1 FROM events LIMIT 1")
         except sqlite3.Error:  # not created yet by its writer, or not a journal
             return False
@@ -158,7 +164,9 @@ class Source:
 
     def _bounds(self) -> tuple[int | None, int | None]:
         assert self.db is not None
-        lo, hi = self.db.execute("SELECT min(id), max(id) FROM events").fetchone()
+        # Two subqueries: SQLite answers a lone min() or max() from the b-tree's ends, but
+        # "SELECT min(id), max(id)" scans the whole table (half the export's CPU in a catch-up).
+        lo, hi = self.db.execute("SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)").fetchone()
         return lo, hi
 
     # -- where we stand ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
@@ -56,12 +56,12 @@ class Item:
     source: int  #: index of the journal source the row came from
     row: Row
     subject: str
+    #: The envelope's id: globally unique (a fresh incarnation per worker run), so the stream's
+    #: duplicate window recognises a resend whichever node or connection it comes from.
+    msg_id: str = field(init=False)
 
-    @property
-    def msg_id(self) -> str:
-        # The envelope's id: globally unique (a fresh incarnation per worker run), so the stream's
-        # duplicate window recognises a resend whichever node or connection it comes from.
-        return f"{self.row.incarnation}-{self.row.seq}"
+    def __post_init__(self) -> None:  # computed once: it is looked up several times per event
+        object.__setattr__(self, "msg_id", f"{self.row.incarnation}-{self.row.seq}")
 
 
 class Handoff:
@@ -71,10 +71,12 @@ class Handoff:
         self.q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def put(self, *msg: Any) -> None:
+    def put(self, *msg: Any, wake: bool = True) -> None:
+        """``wake=False``: news that can wait for the loop's next wake-up."""
         self.q.put(msg)
-        with contextlib.suppress(BlockingIOError):  # a full pipe: a wake-up is pending anyway
-            os.write(self._w, b"\0")
+        if wake:
+            with contextlib.suppress(BlockingIOError):  # a full pipe: a wake-up is pending anyway
+                os.write(self._w, b"\0")
 
     def take(self) -> list[tuple[Any, ...]]:
         with contextlib.suppress(BlockingIOError):
@@ -128,7 +130,9 @@ class Publisher:
         self._reached = False  #: the last attempt reached a server
         self._refusals = 0  #: stream errors in a row (no leader): at 3, connect and bind anew
         self._ack_bunch = max(1, n.max_in_flight // 8)
-        self._retry = backoff.exponential(initial_s=0.1, multiplier=2.0, max_s=n.retry_max_delay, jitter_s=0.1)
+        # Up to half the cap at random: a fleet whose servers all restarted does not reconnect in step.
+        self._retry = backoff.exponential(initial_s=0.1, multiplier=2.0, max_s=n.retry_max_delay,
+                                          jitter_s=n.retry_max_delay / 2)
 
     # -- the main loop's side ---------------------------------------------------------------
     def start(self) -> None:
@@ -316,9 +320,12 @@ class Publisher:
                         raise _Down(error, reconnect=self._refusals >= 3)
                     acked.append((item, duplicate))
                 # Acks come back one by one: hand them over in bunches (a wake-up of the main loop
-                # each is most of the CPU), and once all in flight are acked.
+                # each is most of the CPU), and once all in flight are acked. Acks of live events
+                # alone wait for the loop's next wake-up (the next event, or the journal's commit
+                # of these: the cursor moves then, nothing else waits for them).
                 if len(acked) >= self._ack_bunch or not inflight:
-                    self.out.put("acked", self.gen, acked)
+                    self.out.put("acked", self.gen, acked,
+                                 wake=len(acked) >= self._ack_bunch or any(i.source >= 0 for i, _ in acked))
                     acked = []
                 self._attempt = self._refusals = 0
         finally:
