@@ -14,7 +14,7 @@ run: setup
 
 # Everything: what CI runs (root-only tests skip elsewhere, with the reason).
 test: setup
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 # Day-to-day: the unit-level subset, seconds, no root needed.
 test-fast: setup

@@ -105,7 +105,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         return [{"name": name, "metric": "skipped: no kubectl (Debian's kubernetes-client)", "primary": None,
                  "fallback": None, "ratio": None, "unit": "-"}], {}
     # Quick mode (the suite's smoke run) is about the code path: the emulator fills 5,000 pods slowly.
-    sizes = (200, 1000) if quick else (1000, 5000)
+    sizes = (100, 300) if quick else (1000, 5000)
     changes = 10 if quick else 200
     base = world_dir("cnisup-bench-k8s-")
     api = ApiServer(bookmark_interval_s=1.0).start()

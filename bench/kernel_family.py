@@ -47,6 +47,8 @@ PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
 NAME_CHURN = "kernel family: ebpf vs proc-poll, pod churn"
 NAME_PS = "kernel family: ebpf vs `ps aux` every 5 s (seed baseline)"
 NAME_OVERHEAD = "kernel overhead on unrelated work (syscall loops, thread CPU time)"
+#: The rows that divide the lean capture's ratio by the control's.
+NET_OF_CONTROL = "lean net of the control"
 NAME_FILL = "kernel family: fields of cni.plugin.finished filled in the churn (ebpf, lean)"
 NAME_IDLE = "idle and footprint: every cnisup process"
 
@@ -517,7 +519,22 @@ def _overhead_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
                          "primary": sm["ratio"], "fallback": None, "ratio": None, "unit": "x",
                          "note": note if loop == "read" else f"{sm['off_ns']:,.0f} -> {sm['on_ns']:,.0f} ns; "
                                                              f"p25-p75 {sm['p25']:.3f}-{sm['p75']:.3f}"})
-    return rows
+    return rows + net_of_control(rows)
+
+
+def net_of_control(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lean capture's ratio divided by the control's, per loop: what the kernel worker
+    adds beyond starting and running a cnisup at all (and beyond the method's noise, which
+    the control measures). Built from the rows alone, so a stored run can be read this way."""
+    def ratios(prefix: str) -> dict[str, float]:
+        return {r["metric"][len(prefix) + 2:].split("()")[0]: r["primary"] for r in rows
+                if r["name"] == NAME_OVERHEAD and r["metric"].startswith(prefix + ": ") and r["primary"]
+                and "()" in r["metric"]}
+    lean, control = ratios("kernel.capture lean (default)"), ratios("control: cnisup without the kernel family")
+    return [{"name": NAME_OVERHEAD, "metric": f"{NET_OF_CONTROL}: {loop}() (lean ratio / control ratio; "
+             "goal <= 1.03)", "primary": lean[loop] / control[loop], "fallback": None, "ratio": None, "unit": "x",
+             "note": f"lean x{lean[loop]:.3f}, control x{control[loop]:.3f}" }
+            for loop in kernel_overhead.LOOPS if loop in lean and loop in control]
 
 
 def _idle_rows(res: dict[str, Any], per_k: dict[str, float]) -> list[dict[str, Any]]:

@@ -186,7 +186,8 @@ def _seed_claim(rows: list[dict[str, Any]]) -> list[str]:
     seen = by.get((kernel_family.NAME_PS, "runs seen / made, steady and burst"))
     tax: dict[str, dict[str, float]] = {}  #: mode -> loop -> median paired ratio
     for r in rows:
-        if r["name"] == kernel_family.NAME_OVERHEAD and r["primary"] is not None:
+        if r["name"] == kernel_family.NAME_OVERHEAD and r["primary"] is not None \
+                and not r["metric"].startswith(kernel_family.NET_OF_CONTROL):
             what, loop = r["metric"].rsplit(": ", 1)
             mode = next(m for m, key in (("control", "control"), ("lean-run", "while a plugin runs"),
                                          ("lean", "lean"), ("full", "full")) if key in what)
@@ -268,7 +269,9 @@ def report(results: dict[str, Any], plots: dict[str, str]) -> str:
         "  the default capture, `lean-run` the same while a plugin run is alive (its write tracepoint",
         "  attached: what the node pays during CNI activity), `full` the always-on syscall capture. A round",
         "  during which a tracing program that is not ours was loaded (another test run's ebpf worker taxes",
-        "  every syscall too) is void and measured again; the rows say how many were.",
+        "  every syscall too) is void and measured again; the rows say how many were. `lean net of the",
+        "  control` divides the lean ratio by the control's, per loop: the kernel worker's own tax beyond",
+        "  starting a cnisup at all and beyond the method's noise.",
         "- **fields** (root only): per field of `cni.plugin.finished` in the churn above, how often the lean",
         "  capture filled it in; result/error over ADD runs (a DEL prints nothing).",
         "- **idle** (root only): one `cnisup start` in the production preset with every family and the",
@@ -293,9 +296,11 @@ def report(results: dict[str, Any], plots: dict[str, str]) -> str:
         "- **export**: loopback nats-servers started by the benchmark (one for R1, three clustered for R3).",
         "  A journal pre-filled with events drained by `cnisup start` into each (events/s, the export",
         "  worker's CPU and RSS); a publisher on the workers' `Bus` at 1,000 events/s and an ordered",
-        "  JetStream consumer timing each event from its `ts` (with the journal's default 0.2 s batch",
-        "  interval and with 20 ms); the same load while all three servers are down for 60 s, then the",
-        "  time until the export is back at the live head. See docs/FLEET.md.",
+        "  JetStream consumer timing each event from its `ts` (with the default live path, and with",
+        "  `export.nats.live: false`, from the journal's 0.2 s commits); the same load while the node is",
+        "  cut off from NATS for 60 s (a TCP relay per server, closed and reopened; the cluster stays up)",
+        "  and while all three servers are down for 60 s, then the time until the export is back at the",
+        "  live head. See docs/FLEET.md.",
         "- Every family has rows; the kernel ones need root, BCC and the reference plugins, and say so",
         "  in a `skipped` row otherwise.",
     ]

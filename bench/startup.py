@@ -27,7 +27,7 @@ def _config_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     nested value with exit 78."""
     from cnisup.supervisor import config
 
-    n = 3 if quick else 7
+    n = 1 if quick else 7
     base = world_dir("cnisup-bench-config-")
     flow = base / "flow.yaml"
     flow.write_text("cni:\n  bin_dirs: [" + ",".join(["/a"] * ((config.MAX_CONFIG_BYTES - 32) // 3)) + "]\n")
@@ -86,7 +86,7 @@ def _once(use_primary: bool, family: str = "config") -> dict[str, Any]:
 
 
 def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    n = 2 if quick else 7
+    n = 1 if quick else 7
     prim = [_once(True)["to_ready_s"] for _ in range(n)]
     fb = [_once(False)["to_ready_s"] for _ in range(n)]
     p, f = statistics.median(prim), statistics.median(fb)

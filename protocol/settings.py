@@ -483,7 +483,8 @@ class Config:
 
     @property
     def consumer_endpoint(self) -> str:
-        """The private XPUB the journal subscribes to (every event, as subscribers see it)."""
+        """The private XPUB the journal and the export's live path subscribe to (every event, as
+        subscribers see it)."""
         return f"ipc://{self.runtime_dir}/private/events.sock"
 
     @property

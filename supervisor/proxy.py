@@ -119,8 +119,9 @@ class Proxy:
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
 
     def _bind_consumer(self, xpub: zmq.Socket[Any]) -> None:
-        """The journal's side of the XPUB: the workers' user only, its own
-        queue (a listener keeps the options it was bound with), no CURVE."""
+        """The journal's (and the export's live path's) side of the XPUB: the
+        workers' user only, its own queue (a listener keeps the options it
+        was bound with), no CURVE."""
         s = self.settings
         assert s.consumer_endpoint is not None
         xpub.setsockopt(zmq.SNDHWM, s.consumer_hwm)

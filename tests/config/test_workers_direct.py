@@ -616,13 +616,13 @@ def test_idle_heartbeats_fall_on_one_clock_grid_shared_by_all_workers(world_tmp:
     """Idle, every worker beats on multiples of heartbeat_interval / 2 of the system-wide
     monotonic clock, so the supervisor wakes once for all of them (the idle cost of the
     production preset); after news, one beat follows within a second."""
-    interval, grid = 3.0, 1.5
+    interval, grid = 2.0, 1.0
     nodes = [Node(w, world_tmp / w, start_worker, None).make_dirs() for w in WORKERS]
     runs = [start_worker(n.worker, n.config(), heartbeat_interval_s=interval) for n in nodes]
     for run in runs:
         run.wait_for("cni.config.active_changed", initial=True)
     t0 = time.monotonic()
-    deadline = t0 + 4 * grid + 1.0
+    deadline = t0 + 3 * grid + BUSY_SETTLE_S + 0.5
     while time.monotonic() < deadline:  # pump both often: the arrival time is the beat's time
         for run in runs:
             run.pump(0.01)

@@ -26,9 +26,9 @@ from cnisup.workers.bus import Bus
 
 #: The journal commits only this long after an event (or at 2,000): the live path is what
 #: brings the events to the stream before then.
-SLOW_COMMIT_S = 4.0
+SLOW_COMMIT_S = 3.0
 #: Seconds after which live events must be in the stream (a fraction of SLOW_COMMIT_S).
-LIVE_WITHIN_S = 1.5
+LIVE_WITHIN_S = 1.0
 #: Events of the burst: more than the live window (max_in_flight, 1,024).
 GAP = 5_000
 
