@@ -77,7 +77,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         bus.wait_ready(10)
         counter = _Counter(listener)
         counter.start()
-        _paced(bus, 1000, 2.0 if quick else 10.0)
+        _paced(bus, 1000, 1.0 if quick else 10.0)
         time.sleep(0.5)
         lat = list(counter.latencies_ms)
         # Step the rate up until events are lost (or the publisher cannot go faster).
@@ -86,8 +86,8 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         max_achieved = 0.0
         for rate in rates:
             before_rx, before_holes, before_drop = counter.received, counter.holes, bus.dropped
-            achieved = _paced(bus, rate, 1.0 if quick else 3.0)
-            time.sleep(1.0)
+            achieved = _paced(bus, rate, 0.5 if quick else 3.0)
+            time.sleep(0.5 if quick else 1.0)
             lost = (counter.holes - before_holes) + (bus.dropped - before_drop)
             steps.append({"rate": rate, "achieved": achieved, "received": counter.received - before_rx,
                           "lost": lost, "worker_drops": bus.dropped - before_drop})

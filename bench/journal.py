@@ -76,7 +76,7 @@ def _writer(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         bus.wait_ready(10)
         inc = bus.stamp.incarnation
         published = 0
-        seconds = 1.0 if quick else 6.0
+        seconds = 0.5 if quick else 6.0
         for rate in (2_000, 5_000, 10_000, 20_000, 40_000, 80_000):
             cpu0 = cpu_seconds_fine(pid)
             n, achieved = paced(bus, rate, seconds, PAYLOAD)
