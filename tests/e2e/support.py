@@ -84,6 +84,14 @@ class Events:
         recent = [(e["kind"], e["data"].get("path") or e["data"].get("reason")) for e in self.seen[-8:]]
         raise AssertionError(f"no {kind} {data} within {timeout_s} s; last seen: {recent}")
 
+    def received_or_wait(self, kind: str, timeout_s: float = 10.0, **data: Any) -> dict[str, Any]:
+        """An event of ``kind`` with the given data items already received (while waiting for
+        another), else the next one: for events whose relative order is not part of the contract."""
+        for env in self.seen:
+            if env["kind"] == kind and all(env["data"].get(k) == v for k, v in data.items()):
+                return env
+        return self.wait(kind, timeout_s, **data)
+
     def collect(self, duration_s: float) -> list[dict[str, Any]]:
         deadline = time.monotonic() + duration_s
         out = []
