@@ -12,7 +12,8 @@ module starts (one server for R1, a three-server cluster for R3).
 - catch-up (not in quick mode), the same publisher at 1,000 events/s
   meanwhile: the node cut off from NATS for 60 s (a TCP relay per server
   that this benchmark closes and reopens; the cluster stays up), from the
-  moment it is reachable again to the export being back at the live head;
+  moment it is reachable again to the export being back at the live head
+  (timed from the stream: the newest event of this node younger than 0.5 s);
   and every server of the R3 cluster down for 60 s, from their restart and
   from the stream accepting writes again (JetStream 2.9 needs seconds to
   elect its leaders).
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cnisup.protocol import control, envelope
+from cnisup.protocol import control, envelope, subjects
 from cnisup.protocol.settings import Nats
 from cnisup.workers.bus import Bus
 from cnisup.workers.journal.store import Store
@@ -240,28 +241,33 @@ def _lag(servers: list[str], seconds: float, live: bool) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def _connect(servers: list[str]) -> Any:
+    """A nats-py connection, tried every 0.1 s until a server answers (they may be restarting)."""
+    import nats
+
+    while True:
+        try:
+            return await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=1,
+                                      error_cb=_quiet)
+        except Exception:
+            await asyncio.sleep(0.1)
+
+
 def _writable(servers: list[str], since: float) -> float:
     """Seconds from ``since`` until the stream stores a message again (a probe subject of its own):
     after a full restart JetStream 2.9 answers long before its stream has a leader."""
-    import nats
 
     async def probe() -> float:
-        while True:
-            try:
-                nc = await nats.connect(servers, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=1,
-                                        error_cb=_quiet)
-            except Exception:
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                while True:
-                    try:
-                        await nc.jetstream().publish("cnisup.bench-probe.probe", b"{}", timeout=1.0)
-                        return time.monotonic() - since
-                    except Exception:
-                        await asyncio.sleep(0.1)
-            finally:
-                await nc.close()
+        nc = await _connect(servers)
+        try:
+            while True:
+                try:
+                    await nc.jetstream().publish("cnisup.bench-probe.probe", b"{}", timeout=1.0)
+                    return time.monotonic() - since
+                except Exception:
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
 
     return asyncio.run(probe())
 
@@ -335,6 +341,31 @@ def _free_port() -> int:
         return port
 
 
+def _at_head(servers: list[str], since: float, timeout_s: float) -> float:
+    """Seconds from ``since`` until the newest event of this benchmark's node in the stream is
+    younger than HEAD_S: the export is back at the live head. Timed from the stream itself every
+    50 ms (the worker's status is refreshed about once a second: too coarse for a 10 s goal)."""
+    subject = subjects.subject(Nats().subject_prefix, "bench", "monitor.warning")
+
+    async def watch() -> float:
+        nc = await _connect(servers)
+        try:
+            js = nc.jetstream(timeout=1.0)
+            while time.monotonic() - since < timeout_s:
+                try:
+                    last = await js.get_last_msg(Nats().stream, subject)
+                    if time.time_ns() - json.loads(last.data or b"{}")["ts"] < HEAD_S * 1e9:
+                        return time.monotonic() - since
+                except Exception:  # no leader yet, a timeout: look again
+                    pass
+                await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+        raise TimeoutError(f"not back at the live head within {timeout_s} s")
+
+    return asyncio.run(watch())
+
+
 def _catch_up(cluster: natsserver.Cluster, outage_s: float, *, whole_cluster: bool) -> dict[str, Any]:
     """At 1,000 events/s: NATS away for ``outage_s`` (the node cut off, or every server
     stopped), then the seconds until the export is back at the live head."""
@@ -363,7 +394,7 @@ def _catch_up(cluster: natsserver.Cluster, outage_s: float, *, whole_cluster: bo
         back = time.monotonic()
         cluster.start() if relay is None else relay.restore()
         writable_s = _writable(cluster.urls, back) if relay is None else 0.0
-        caught_up_s = _wait_caught_up(inst, 300) + writable_s
+        caught_up_s = _at_head(cluster.urls, back, 300)
         stop.set()
         publisher.join()
         bus.close(0)
