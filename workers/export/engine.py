@@ -51,9 +51,13 @@ BIND_TIMEOUT_S = 2.0
 MAX_REPLY_BYTES = 4096
 
 
+#: ``Item.source`` of an event published straight from the bus (journal sources are 0, 1).
+LIVE = -1
+
+
 @dataclass(frozen=True)
 class Item:
-    source: int  #: index of the journal source the row came from
+    source: int  #: index of the journal source the row came from, or LIVE
     row: Row
     subject: str
     #: The envelope's id: globally unique (a fresh incarnation per worker run), so the stream's
@@ -71,12 +75,10 @@ class Handoff:
         self.q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def put(self, *msg: Any, wake: bool = True) -> None:
-        """``wake=False``: news that can wait for the loop's next wake-up."""
+    def put(self, *msg: Any) -> None:
         self.q.put(msg)
-        if wake:
-            with contextlib.suppress(BlockingIOError):  # a full pipe: a wake-up is pending anyway
-                os.write(self._w, b"\0")
+        with contextlib.suppress(BlockingIOError):  # a full pipe: a wake-up is pending anyway
+            os.write(self._w, b"\0")
 
     def take(self) -> list[tuple[Any, ...]]:
         with contextlib.suppress(BlockingIOError):
@@ -320,12 +322,9 @@ class Publisher:
                         raise _Down(error, reconnect=self._refusals >= 3)
                     acked.append((item, duplicate))
                 # Acks come back one by one: hand them over in bunches (a wake-up of the main loop
-                # each is most of the CPU), and once all in flight are acked. Acks of live events
-                # alone wait for the loop's next wake-up (the next event, or the journal's commit
-                # of these: the cursor moves then, nothing else waits for them).
+                # each is most of the CPU), and once all in flight are acked.
                 if len(acked) >= self._ack_bunch or not inflight:
-                    self.out.put("acked", self.gen, acked,
-                                 wake=len(acked) >= self._ack_bunch or any(i.source >= 0 for i, _ in acked))
+                    self.out.put("acked", self.gen, acked)
                     acked = []
                 self._attempt = self._refusals = 0
         finally:

@@ -26,10 +26,8 @@ import zmq
 
 from cnisup.protocol import envelope, subjects
 from cnisup.workers.export.cursor import Row
-from cnisup.workers.export.engine import Item
+from cnisup.workers.export.engine import LIVE, Item
 
-#: ``Item.source`` of an event published from the bus (journal sources are 0, 1).
-LIVE = -1
 #: Messages the subscription queues; beyond, the proxy drops for this subscriber only and
 #: the journal path brings them (this path only shortens the lag, it never carries alone).
 QUEUE = 10_000
@@ -59,7 +57,7 @@ class Live:
         self.sent: collections.OrderedDict[str, float | None] = collections.OrderedDict()
         #: journal rows read while their live publish was unacknowledged
         self.awaited: set[str] = set()
-        self.counts = {"live": 0, "live_skipped": 0, "bad_messages": 0}
+        self.counts = {"live": 0, "live_skipped": 0, "live_bad_messages": 0}
 
     @property
     def fd(self) -> int:
@@ -92,7 +90,7 @@ class Live:
             try:
                 env = envelope.decode(frames)
             except envelope.ProtocolError:
-                self.counts["bad_messages"] += 1  # the journal reports it; its row (if any) is sent from there
+                self.counts["live_bad_messages"] += 1  # the journal reports it; its row (if any) is sent from there
                 continue
             inc, seq = env["incarnation"], env["seq"]
             nxt = self.next_seq.get(inc)

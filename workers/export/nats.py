@@ -35,8 +35,8 @@ from cnisup.protocol.kinds import ExportKind
 from cnisup.workers.base import Worker, WorkerContext
 from cnisup.workers.errors import WorkerConfigError
 from cnisup.workers.export.cursor import Row, Source, Trimmed
-from cnisup.workers.export.engine import STOP_DRAIN_S, Item, Publisher
-from cnisup.workers.export.live import LIVE, Live
+from cnisup.workers.export.engine import LIVE, STOP_DRAIN_S, Item, Publisher
+from cnisup.workers.export.live import Live
 
 #: Seconds between looks at the journal when nothing woke us (a missed inotify event, a
 #: journal directory that appeared later): the safety net, not the mechanism.
