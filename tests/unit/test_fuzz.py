@@ -1,6 +1,8 @@
 """Fuzzing the parsers of what someone else sends: the control request parser
 (any member of the socket's group), the status-message parser (workers are the
-unprivileged, exposed half) and the configuration loader (file, environment).
+unprivileged, exposed half), the envelope decoder (what any process with the
+workers' uid puts on the bus, read by the journal and the export's live path)
+and the configuration loader (file, environment).
 Structured inputs (JSON / YAML built from random values) and raw bytes; each
 parser may refuse, but only with its own error, as one bounded line."""
 
@@ -18,6 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cnisup.protocol import envelope
 from cnisup.protocol.settings import ConfigError, field_docs
 from cnisup.protocol.untrusted import MAX_ERROR, UntrustedInputError
 from cnisup.supervisor import config, control
@@ -146,6 +149,32 @@ def test_config_environment_and_flags(cfg_file: Path, env: dict[str, str], prese
     try:
         config.load(cfg_file, preset=preset, log_level=level, environ=env)
     except ConfigError as exc:
+        _one_line(exc)
+
+
+# -- the envelope decoder (the bus) ---------------------------------------------------------------
+
+_ENVELOPE = json.dumps(envelope.Stamp("file-poll", "node", "0" * 32).build(
+    "monitor.warning", {"family": "config", "worker": "file-poll", "code": "x", "message": "y"})).encode()
+
+
+@EXAMPLES
+@given(st.lists(st.binary(max_size=64), max_size=3) | _mutations(_ENVELOPE).map(lambda b: [b"monitor.warning", b]))
+def test_envelope_frames_bytes(frames: list[bytes]) -> None:
+    try:
+        env = envelope.decode(frames)
+    except envelope.ProtocolError as exc:
+        _one_line(exc)
+        return
+    assert isinstance(env["seq"], int) and env["kind"] == frames[0].decode()
+
+
+@FEWER
+@given(json_values)
+def test_envelope_frames_structured(value: Any) -> None:
+    try:
+        envelope.decode([b"monitor.warning", json.dumps(value).encode()])
+    except envelope.ProtocolError as exc:
         _one_line(exc)
 
 
