@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import natsserver
 import pytest
 from e2e.support import worker_user
@@ -155,6 +156,43 @@ def test_without_nats_it_keeps_running_reports_its_lag_and_catches_up_in_order(
         check_exactly_once(read_stream([server.url], dest.stream), sent)
     finally:
         server.kill()
+
+
+
+def test_a_stream_that_refuses_gets_one_probe_per_retry_not_a_window_then_everything_in_order(
+        start_worker: Callable[..., WorkerRun], world_tmp: Path, nats_single: natsserver.Server, dest: Dest) -> None:
+    """A full stream that discards new messages refuses each publish, as a stream without a leader
+    does after a restart: every retry sends one event first, not a window (a fleet whose servers
+    restarted would otherwise flood them while they elect leaders). Counted by the server."""
+    from nats.js.api import DiscardPolicy, StreamConfig
+
+    async def stream(max_msgs: int, create: bool) -> None:
+        nc = await nats.connect([nats_single.url])
+        try:
+            js = nc.jetstream()
+            cfg = StreamConfig(name=dest.stream, subjects=[f"{dest.prefix}.>"], max_msgs=max_msgs,
+                               discard=DiscardPolicy.NEW)
+            await (js.add_stream(cfg) if create else js.update_stream(cfg))
+        finally:
+            await nc.close()
+
+    def in_msgs() -> int:
+        return int(natsserver.http_json(nats_single.http_port, "/varz")[1]["in_msgs"])
+
+    asyncio.run(stream(100, create=True))
+    sent = envelopes(NODE, 500)
+    write_journal(world_tmp / "journal.db", sent)
+    run = start_worker("nats", config(world_tmp, dest, [nats_single.url]))
+    first = info(run, lambda i: i["errors"] >= 2 and "maximum messages" in (i["last_error"] or ""))
+    before = in_msgs()
+    later = info(run, lambda i: i["errors"] >= first["errors"] + 4, timeout_s=30)
+    # per retry: its one event, and every third a new connection's stream lookup; a window is 400 here
+    retries = later["errors"] - first["errors"] + 2  # a retry may fall between a status and a count
+    assert in_msgs() - before <= 2 * retries, (in_msgs() - before, retries)
+    assert later["acked"] == 100 and later["behind"] == 400
+    asyncio.run(stream(-1, create=False))
+    info(run, lambda i: i["behind"] == 0 and i["state"] == "connected", timeout_s=20)
+    check_exactly_once(read_stream([nats_single.url], dest.stream), sent)
 
 
 # -- refusals: a clear error naming the key, exit 78 (the supervisor marks the family failed) ------------

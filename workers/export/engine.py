@@ -277,6 +277,11 @@ class Publisher:
         self.state = "connected"
         self.out.put("ready", self.gen)
         loop = asyncio.get_running_loop()
+        # After a failure (servers back from an outage, a stream electing its leader, a full stream)
+        # one event goes first and its ack opens the window: a full window would only earn as many
+        # refusals, and a fleet whose servers all restarted would send max_in_flight refused
+        # publishes per node per retry to a cluster busy electing its leaders.
+        window = 1 if self._attempt else self.n.max_in_flight
         inflight: collections.deque[tuple[int, float, Item]] = collections.deque()  # (number, ack deadline, item)
         acked: list[tuple[Item, bool]] = []
         stop_by: float | None = None
@@ -289,10 +294,8 @@ class Publisher:
                 if self._stop.is_set():
                     stop_by = stop_by or loop.time() + STOP_DRAIN_S
                     if not inflight or loop.time() >= stop_by:
-                        if acked:
-                            self.out.put("acked", self.gen, acked)
                         return
-                while not self._stop.is_set() and self._queue and len(inflight) < self.n.max_in_flight:
+                while not self._stop.is_set() and self._queue and len(inflight) < window:
                     item = self._queue.popleft()
                     number = replies.issue()
                     await nc.publish(item.subject, item.row.text.encode(), reply=f"{inbox}.{number}",
@@ -321,6 +324,7 @@ class Publisher:
                         self._refusals += 1
                         raise _Down(error, reconnect=self._refusals >= 3)
                     acked.append((item, duplicate))
+                    window = self.n.max_in_flight
                 # Acks come back one by one: hand them over in bunches (a wake-up of the main loop
                 # each is most of the CPU), and once all in flight are acked.
                 if len(acked) >= self._ack_bunch or not inflight:
@@ -328,6 +332,10 @@ class Publisher:
                     acked = []
                 self._attempt = self._refusals = 0
         finally:
+            # Whatever ends the episode (a stop, a refusal, a timeout): what was acknowledged is stored,
+            # and the cursor passes over it before the "down" rewinds to it, or every retry resends it.
+            if acked:
+                self.out.put("acked", self.gen, acked)
             with contextlib.suppress(Exception):  # a broken connection: the subscription is gone with it
                 await sub.unsubscribe()
 
