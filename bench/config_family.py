@@ -154,7 +154,7 @@ def _one(worker: str, *, changes: int, interval_s: float, idle_s: float) -> dict
 def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     interval = 1.0 if quick else 30.0
     changes = 10 if quick else 200
-    idle = 2.0 if quick else 60.0
+    idle = 1.0 if quick else 60.0
     res = {w: _one(w, changes=changes, interval_s=interval, idle_s=idle) for w in ("inotify", "file-poll")}
     ino, fp = res["inotify"], res["file-poll"]
     name = "config family: inotify vs file-poll"

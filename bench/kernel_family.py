@@ -69,8 +69,8 @@ class Plan:
 
 
 #: Quick mode is the suite's smoke run: every code path, numbers of no weight.
-QUICK = Plan(idle_s=2.0, steady_rate=5.0, steady_pods=12, alive=4, burst_pods=16, burst_parallel=4,
-             rounds=1, scale=0.1, idle_all_s=3.0)
+QUICK = Plan(idle_s=1.0, steady_rate=5.0, steady_pods=12, alive=4, burst_pods=16, burst_parallel=4,
+             rounds=1, scale=0.1, idle_all_s=1.5)
 FULL = Plan(idle_s=60.0, steady_rate=5.0, steady_pods=300, alive=10, burst_pods=200, burst_parallel=4,
             rounds=10, scale=0.6, idle_all_s=600.0)
 #: Fields of cni.plugin.finished that every run must have, and those only some can.
