@@ -383,6 +383,11 @@ class Nats:
     live: bool = setting(
         True, "Also publish each event as it reaches the bus, before the journal commits it (the journal "
               "still backs every event): milliseconds of lag instead of journal.batch_interval")
+    live_linger: Seconds = setting(
+        0.01, "Seconds live events are held after the first of them, so that a busy bus goes out in bunches: "
+              "each hand-over wakes both of the export's threads. CPU against lag; at 1,000 events/s into R3 "
+              "(make bench): 0.005 s ~310 ms of CPU per 1,000 events and a p99 lag of ~25 ms, 0.01 s ~250 and "
+              "~29 ms, 0.02 s ~190 and ~40 ms", check=non_negative)
     ack_timeout: Seconds = setting(
         5.0, "Seconds to wait for the stream's acknowledgement before resending from the cursor",
         check=positive)

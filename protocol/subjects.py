@@ -10,12 +10,14 @@ permission (``cnisup.node-a.>``). See docs/FLEET.md.
 
 from __future__ import annotations
 
+import functools
 import re
 
 #: Characters a subject token cannot hold: the separator, the wildcards, whitespace.
 _NOT_IN_TOKEN = re.compile(r"[.*>\s]")
 
 
+@functools.lru_cache(maxsize=1024)  # a regex per event otherwise; a node has one name
 def node_token(node: str) -> str:
     """A node name as one subject token: dots (FQDN node names) and anything a
     token cannot hold become ``_``. Kubernetes node names are DNS names and

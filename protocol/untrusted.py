@@ -54,10 +54,12 @@ def load_json(raw: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
     levels of nesting; ``UntrustedInputError`` naming ``what`` otherwise."""
     if len(raw) > max_bytes:
         raise UntrustedInputError(f"{what} of {len(raw)} bytes (at most {max_bytes})")
-    if (at := undecodable_at(raw)) is not None:
-        raise UntrustedInputError(f"{what} is not UTF-8 at byte {at}")
     try:
-        value = json.loads(raw)
+        text = raw.decode("utf-8")  # once: json.loads(bytes) would detect the encoding and decode again
+    except UnicodeDecodeError as exc:
+        raise UntrustedInputError(f"{what} is not UTF-8 at byte {exc.start}") from None
+    try:
+        value = json.loads(text)
     except RecursionError:
         raise UntrustedInputError(f"{what} nested more than {max_depth} levels deep") from None
     except ValueError as exc:
@@ -65,7 +67,9 @@ def load_json(raw: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
             raise UntrustedInputError(f"{what} holds a number of more than {sys.get_int_max_str_digits()} "
                                       "digits") from None
         raise UntrustedInputError(f"{what} is not JSON: {exc}") from None
-    if not nested_within(value, max_depth):
+    # Every level of nesting opens with a bracket: with no more brackets than levels allowed (any
+    # message of ours) the walk cannot fail, and it is most of the cost of a small message.
+    if text.count("{") + text.count("[") > max_depth and not nested_within(value, max_depth):
         raise UntrustedInputError(f"{what} nested more than {max_depth} levels deep")
     return value
 

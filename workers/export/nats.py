@@ -47,10 +47,6 @@ UNWATCHED_POLL_S = 1.0
 SETTLE_S = 0.002
 #: Refill the window once this fraction of it is free: fewer, larger journal reads.
 REFILL_FRACTION = 0.25
-#: Seconds live events are held after the first of them, so that a busy bus (1,000 events/s) is
-#: handed to the publisher in bunches: each hand-over wakes its thread, and one per event cost
-#: ~0.5 ms of CPU per event; this adds at most this much lag.
-LIVE_LINGER_S = 0.005
 
 
 class JournalWatch:
@@ -111,7 +107,7 @@ class NatsExportWorker(Worker):
         self.next_commit = 0.0
         self.counts = {"published": 0, "acked": 0, "duplicates": 0, "journal_resets": 0}
         self._live_pending = False  #: the live subscription may hold more than the last read took
-        self._live_items: list[Item] = []  #: live events held for LIVE_LINGER_S
+        self._live_items: list[Item] = []  #: live events held for live_linger
         self._live_at = 0.0  #: when they go to the publisher
 
     # -- the loop ---------------------------------------------------------------------------
@@ -219,7 +215,8 @@ class NatsExportWorker(Worker):
         items = self.live.take(self.gen is not None)
         self._live_pending = self.live.pending()
         if items and not self._live_items:
-            self._live_at = time.monotonic() + LIVE_LINGER_S
+            # Held, so that a busy bus goes to the publisher in bunches (export.nats.live_linger).
+            self._live_at = time.monotonic() + self.n.live_linger
         self._live_items += items
         if self._live_items and (time.monotonic() >= self._live_at or len(self._live_items) >= self.n.batch):
             self._flush_live()
