@@ -184,3 +184,20 @@ def test_the_fuzzed_parsers_raise_their_own_errors() -> None:
         control.parse_request(b"[" * 100_000)
     with pytest.raises(StatusError):
         parse_status(b"[]")
+
+
+@pytest.mark.parametrize("brackets_in_strings", [0, 200])
+def test_json_depth_is_bounded_exactly_whatever_brackets_the_strings_hold(brackets_in_strings: int) -> None:
+    """load_json skips its depth walk when the text holds no more brackets than levels allowed;
+    brackets inside strings only send it the long way, and the bound stays exact both ways."""
+    from cnisup.protocol.untrusted import load_json
+
+    def nested(levels: int) -> bytes:
+        inner = json.dumps("[{" * brackets_in_strings)
+        return ("[" * levels + inner + "]" * levels).encode()
+
+    assert load_json(nested(8), what="x", max_bytes=1 << 20, max_depth=8) is not None
+    with pytest.raises(UntrustedInputError, match="nested more than 8 levels deep"):
+        load_json(nested(9), what="x", max_bytes=1 << 20, max_depth=8)
+    with pytest.raises(UntrustedInputError, match="not UTF-8 at byte 1"):
+        load_json(b'"\xff"', what="x", max_bytes=1 << 20, max_depth=8)
