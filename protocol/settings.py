@@ -386,8 +386,8 @@ class Nats:
     live_linger: Seconds = setting(
         0.01, "Seconds live events are held after the first of them, so that a busy bus goes out in bunches: "
               "each hand-over wakes both of the export's threads. CPU against lag; at 1,000 events/s into R3 "
-              "(make bench): 0.005 s ~310 ms of CPU per 1,000 events and a p99 lag of ~25 ms, 0.01 s ~250 and "
-              "~29 ms, 0.02 s ~190 and ~40 ms", check=non_negative)
+              "(make bench): 0.005 s ~310 ms of CPU per 1,000 events and a p99 lag of 20-31 ms, 0.01 s 250-260 "
+              "and 29-34 ms, 0.02 s ~190 and 37-41 ms", check=non_negative)
     ack_timeout: Seconds = setting(
         5.0, "Seconds to wait for the stream's acknowledgement before resending from the cursor",
         check=positive)
