@@ -91,6 +91,12 @@ def positive(value: float) -> str | None:
     return None if value > 0 else f"must be positive, got {value}"
 
 
+#: Messages the export's live path may have queued on each side of its subscription (the proxy's
+#: pipe to it, its own socket): it only shortens the lag, the journal path carries what it does not
+#: take, so a stuck export holds at most this many events in the supervisor (the journal: journal.queue).
+LIVE_QUEUE = 10_000
+
+
 def non_negative(value: float) -> str | None:
     return None if value >= 0 else f"must not be negative, got {value}"
 
@@ -488,9 +494,13 @@ class Config:
 
     @property
     def consumer_endpoint(self) -> str:
-        """The private XPUB the journal and the export's live path subscribe to (every event, as
-        subscribers see it)."""
+        """The private XPUB the journal subscribes to (every event, as subscribers see it)."""
         return f"ipc://{self.runtime_dir}/private/events.sock"
+
+    @property
+    def live_endpoint(self) -> str:
+        """The same XPUB for the export's live path, with a queue of its own (LIVE_QUEUE)."""
+        return f"ipc://{self.runtime_dir}/private/live.sock"
 
     @property
     def privileged_bus_endpoint(self) -> str:

@@ -48,6 +48,9 @@ class ProxySettings:
     #: private ipc XPUB for the journal (same stream as subscribers see), and its queue
     consumer_endpoint: str | None = None
     consumer_hwm: int = 100_000
+    #: the same for the export's live path, with a smaller queue: it need not carry everything
+    live_endpoint: str | None = None
+    live_hwm: int = 10_000
     #: a second endpoint of the same XSUB for the workers that keep our uid (None: none)
     privileged_bus_endpoint: str | None = None
 
@@ -93,7 +96,9 @@ class Proxy:
         control.connect(_CONTROL)
         self._bind_private(xsub)
         if s.consumer_endpoint:
-            self._bind_consumer(xpub)
+            self._bind_consumer(xpub, s.consumer_endpoint, s.consumer_hwm)
+        if s.live_endpoint:
+            self._bind_consumer(xpub, s.live_endpoint, s.live_hwm)
         if s.curve_secret_file:
             self._curve_server(xpub)
         self._bind_public(xpub)
@@ -118,16 +123,15 @@ class Proxy:
         xsub.bind(INPROC_BUS)
         xsub.send(b"\x01")  # subscribe to everything; replayed to each new worker
 
-    def _bind_consumer(self, xpub: zmq.Socket[Any]) -> None:
-        """The journal's (and the export's live path's) side of the XPUB: the
-        workers' user only, its own queue (a listener keeps the options it
-        was bound with), no CURVE."""
+    def _bind_consumer(self, xpub: zmq.Socket[Any], endpoint: str, hwm: int) -> None:
+        """A private side of the XPUB (the journal's, the export's live path's): the
+        workers' user only, a queue of its own (a listener keeps the options it was
+        bound with), no CURVE."""
         s = self.settings
-        assert s.consumer_endpoint is not None
-        xpub.setsockopt(zmq.SNDHWM, s.consumer_hwm)
-        xpub.bind(s.consumer_endpoint)
+        xpub.setsockopt(zmq.SNDHWM, hwm)
+        xpub.bind(endpoint)
         xpub.setsockopt(zmq.SNDHWM, s.hwm)
-        path = _ipc_path(s.consumer_endpoint)
+        path = _ipc_path(endpoint)
         if path:
             os.chmod(path, 0o600)
             if s.worker_uid is not None:
@@ -218,7 +222,7 @@ class Proxy:
         if self._auth is not None:
             self._auth.stop()
         for ep in [self.settings.bus_endpoint, self.settings.privileged_bus_endpoint or "",
-                   self.settings.consumer_endpoint or "",
+                   self.settings.consumer_endpoint or "", self.settings.live_endpoint or "",
                    *self.settings.public_endpoints]:
             path = _ipc_path(ep)
             if path:

@@ -26,6 +26,7 @@ import zmq
 
 from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.kinds import SupervisorKind as K
+from cnisup.protocol.settings import LIVE_QUEUE
 from cnisup.protocol.untrusted import one_line
 from cnisup.supervisor import __version__, control, probes, runtime
 from cnisup.supervisor.config import Config, ConfigError, load
@@ -198,7 +199,8 @@ class Supervisor:
             worker_uid=self.identity.uid if os.geteuid() == 0 else None,
             curve_secret_file=curve.server_secret_key_file,
             curve_authorized_dir=curve.authorized_keys_dir,
-            consumer_endpoint=self.cfg.consumer_endpoint, consumer_hwm=self.cfg.journal.queue), self.ctx)
+            consumer_endpoint=self.cfg.consumer_endpoint, consumer_hwm=self.cfg.journal.queue,
+            live_endpoint=self.cfg.live_endpoint, live_hwm=LIVE_QUEUE), self.ctx)
         try:
             self.proxy.start()
         except ProxyError as exc:

@@ -170,8 +170,10 @@ def test_unprivileged_worker_credentials(cnisup: Cnisup) -> None:
     # Only the workers' user reaches the private bus; its group (subscribers) reaches the public one.
     private = cnisup.runtime_dir / "private"
     assert (private.stat().st_uid, private.stat().st_mode & 0o777) == (0, 0o711)
-    bus = private / "bus.sock"
-    assert (bus.stat().st_uid, bus.stat().st_mode & 0o777) == (nobody.pw_uid, 0o600)
+    # ...and the journal's and the export's subscriptions to every event: not the subscribers' group
+    for name in ("bus.sock", "events.sock", "live.sock"):
+        sock = private / name
+        assert (sock.stat().st_uid, sock.stat().st_mode & 0o777) == (nobody.pw_uid, 0o600), name
     public = cnisup.runtime_dir / "events.sock"
     assert (public.stat().st_gid, public.stat().st_mode & 0o777) == (nobody.pw_gid, 0o660)
     assert cnisup.stop() == 0

@@ -3,8 +3,10 @@ the journal commits them.
 
 The journal path alone waits for the journal's transaction (up to
 ``journal.batch_interval``, 0.2 s) and then for the read of the committed
-rows. Here the export also subscribes to the proxy's private consumer
-endpoint, as the journal does, and publishes an event the moment it arrives,
+rows. Here the export also subscribes to the proxy's private XPUB, as the
+journal does but on an endpoint of its own whose queue is small
+(``LIVE_QUEUE``: a stuck export holds little in the supervisor), and
+publishes an event the moment it arrives,
 but only when it continues what was already handed to the publisher for its
 incarnation (its ``seq`` is the next one). So the stream keeps per-incarnation
 order, and any gap (the export was away or behind, the bus dropped for this
@@ -25,12 +27,10 @@ from typing import Any
 import zmq
 
 from cnisup.protocol import envelope, subjects
+from cnisup.protocol.settings import LIVE_QUEUE
 from cnisup.workers.export.cursor import Row
 from cnisup.workers.export.engine import LIVE, Item
 
-#: Messages the subscription queues; beyond, the proxy drops for this subscriber only and
-#: the journal path brings them (this path only shortens the lag, it never carries alone).
-QUEUE = 10_000
 #: Messages read per wake-up before the loop looks at its deadlines again.
 READ_BURST = 2_000
 #: Incarnations whose next seq is remembered.
@@ -44,7 +44,7 @@ FORGET_S = 30.0
 class Live:
     def __init__(self, endpoint: str, prefix: str, node: str, window: int) -> None:
         sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
-        sock.setsockopt(zmq.RCVHWM, QUEUE)
+        sock.setsockopt(zmq.RCVHWM, LIVE_QUEUE)  # beyond (and the proxy's as much): the journal path
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(endpoint)

@@ -94,7 +94,7 @@ class NatsExportWorker(Worker):
         self.sources = [Source(p, self.n.stream) for p in paths]
         self.watch = JournalWatch(paths)
         self.publisher = Publisher(self.n, self.node, name=f"cnisup-export {self.node}")
-        self.live = Live(cfg.consumer_endpoint, self.n.subject_prefix, self.node, self.n.max_in_flight) \
+        self.live = Live(cfg.live_endpoint, self.n.subject_prefix, self.node, self.n.max_in_flight) \
             if self.n.live else None
         #: journal rows handed out (sent, or sent live before they were read), in journal order
         self.inflight: collections.deque[Item] = collections.deque()
