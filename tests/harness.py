@@ -12,7 +12,6 @@ for sequence holes; problems are collected in ``problems``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from cnisup.protocol import envelope
+from cnisup.protocol import envelope, validation
 from cnisup.protocol.settings import Config
 from cnisup.workers.privileges import Identity
 from cnisup.workers.registry import WORKERS
@@ -56,17 +55,6 @@ class Received:
     @property
     def data(self) -> dict[str, Any]:
         return dict(self.env["data"])
-
-
-@functools.cache
-def _validator() -> Any:
-    """Built once: ``jsonschema.validate`` re-checks the schema on every call
-    (tens of ms), which would show up as event latency."""
-    import jsonschema
-
-    from cnisup.protocol import validation
-
-    return jsonschema.Draft202012Validator(validation.envelope_schema())
 
 
 def matches(r: Received, kind: str | None, match: dict[str, Any]) -> bool:
@@ -198,7 +186,7 @@ class WorkerRun:
 
     def _take(self, frames: list[bytes], at: float) -> None:
         env = envelope.decode(frames)
-        for error in _validator().iter_errors(env):
+        for error in validation.validator(env).iter_errors(env):
             self.problems.append(f"schema: {env['kind']}: {error.message}")
         last = self._last_seq.get(env["incarnation"], 0)
         if env["seq"] != last + 1:

@@ -128,3 +128,24 @@ def test_envelopes_count_per_kind() -> None:
     envs = [st.build(k, {}) for k in ("cni.config.created", "cni.config.deleted", "cni.config.created")]
     assert [(e["seq"], e["kseq"]) for e in envs] == [(1, 1), (2, 1), (3, 2)]
     assert st.kseqs == {"cni.config.created": 2, "cni.config.deleted": 1}
+
+
+def test_the_validator_of_a_kind_gives_the_whole_schemas_verdict() -> None:
+    """validation.validator(env) checks only the rules of env's kind: for every kind, a fitting, an
+    empty and a mistyped data, and envelopes without a usable kind, the errors are the same."""
+    import jsonschema
+
+    whole = jsonschema.Draft202012Validator(validation.envelope_schema())
+    st = envelope.Stamp("inotify", "n", envelope.new_incarnation())
+    cases: list[Any] = [{"kind": 5}, {}, [], "x"]
+    for kind in validation.known_kinds():
+        env = st.build(kind, {})
+        cases += [env, {**env, "data": {"path": 3, "address": [], "name": None}}, {**env, "seq": "1"}]
+    cases.append(st.build("cni.config.deleted", {"path": "/x.conf", "dir": "/"}))
+
+    def errors(v: Any, env: Any) -> list[tuple[str, str]]:
+        return sorted((e.json_path, e.message) for e in v.iter_errors(env))
+
+    assert any(errors(whole, env) for env in cases) and any(not errors(whole, env) for env in cases)
+    for env in cases:
+        assert errors(validation.validator(env), env) == errors(whole, env), env
