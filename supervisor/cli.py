@@ -19,7 +19,7 @@ from cnisup.protocol import envelope, exitcodes, reach
 from cnisup.protocol.envelope import ProtocolError
 from cnisup.protocol.subscriber import STARTED, CurveClient, Gap, Subscriber
 from cnisup.protocol.untrusted import one_line
-from cnisup.supervisor import __version__, answers, config, control, fleet, probes, render, service
+from cnisup.supervisor import answers, config, control, fleet, probes, render, service, version
 from cnisup.supervisor.history import Filters, Match, Stitch
 from cnisup.workers import logs
 
@@ -46,8 +46,16 @@ def _load(config_path: str | None, preset: str | None = None, log_level: str | N
         sys.exit(exitcodes.EX_CONFIG)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """click's version_option wants the version when the command is defined, at every start."""
+    if value and not ctx.resilient_parsing:
+        click.echo(f"cnisup, version {version()}")
+        ctx.exit()
+
+
 @click.group()
-@click.version_option(__version__, prog_name="cnisup")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 def main() -> None:
     """cnisup: a node-local observer of container networking."""
 

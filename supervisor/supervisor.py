@@ -28,7 +28,7 @@ from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.kinds import SupervisorKind as K
 from cnisup.protocol.settings import LIVE_QUEUE
 from cnisup.protocol.untrusted import one_line
-from cnisup.supervisor import __version__, control, probes, runtime
+from cnisup.supervisor import control, probes, runtime, version
 from cnisup.supervisor.config import Config, ConfigError, load
 from cnisup.supervisor.proxy import INPROC_BUS, Proxy, ProxyError, ProxySettings
 from cnisup.supervisor.slot import DOWN, QUIET, Slot, State, SystemClock, Wiring
@@ -170,9 +170,9 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         for sig, cmd in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"), (signal.SIGHUP, "reload")):
             signal.signal(sig, self._enqueue(cmd))
-        log.info("cnisup %s supervising on node %s; events at %s; control at %s", __version__,
+        log.info("cnisup %s supervising on node %s; events at %s; control at %s", version(),
                  self.cfg.node_name, ", ".join(self.cfg.publish.endpoints), self.cfg.control.endpoint)
-        self.publish(K.STARTED, {"pid": os.getpid(), "version": __version__, "config_path": self.config_path,
+        self.publish(K.STARTED, {"pid": os.getpid(), "version": version(), "config_path": self.config_path,
                                  "preset": self.cfg.preset, "endpoints": self.cfg.publish.endpoints})
         self._prepare_dirs()
         # The journal first, so it hears the other families from their first event.
@@ -459,7 +459,7 @@ class Supervisor:
         now = time.monotonic()
         return {
             "supervisor": {
-                "pid": os.getpid(), "version": __version__, "node": self.cfg.node_name,
+                "pid": os.getpid(), "version": version(), "node": self.cfg.node_name,
                 "incarnation": self.incarnation, "started_at": self.started_wall,
                 "uptime_s": round(now - self.started, 3), "state": "stopping" if self.stopping else "running",
                 "config_path": self.config_path, "preset": self.cfg.preset,
