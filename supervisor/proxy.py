@@ -24,6 +24,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from cnisup.protocol.settings import LIVE_QUEUE
 from cnisup.supervisor.runtime import Refused, secure_socket
 
 log = logging.getLogger("cnisup.proxy")
@@ -50,7 +51,7 @@ class ProxySettings:
     consumer_hwm: int = 100_000
     #: the same for the export's live path, with a smaller queue: it need not carry everything
     live_endpoint: str | None = None
-    live_hwm: int = 10_000
+    live_hwm: int = LIVE_QUEUE
     #: a second endpoint of the same XSUB for the workers that keep our uid (None: none)
     privileged_bus_endpoint: str | None = None
 

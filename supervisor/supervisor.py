@@ -26,7 +26,6 @@ import zmq
 
 from cnisup.protocol import envelope, exitcodes
 from cnisup.protocol.kinds import SupervisorKind as K
-from cnisup.protocol.settings import LIVE_QUEUE
 from cnisup.protocol.untrusted import one_line
 from cnisup.supervisor import control, probes, runtime, version
 from cnisup.supervisor.config import Config, ConfigError, load
@@ -200,7 +199,7 @@ class Supervisor:
             curve_secret_file=curve.server_secret_key_file,
             curve_authorized_dir=curve.authorized_keys_dir,
             consumer_endpoint=self.cfg.consumer_endpoint, consumer_hwm=self.cfg.journal.queue,
-            live_endpoint=self.cfg.live_endpoint, live_hwm=LIVE_QUEUE), self.ctx)
+            live_endpoint=self.cfg.live_endpoint), self.ctx)
         try:
             self.proxy.start()
         except ProxyError as exc:
