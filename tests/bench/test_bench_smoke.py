@@ -25,25 +25,31 @@ GROUPS = ("kernel,startup,k8s", "config,bus,journal,export")
 @pytest.mark.slow
 @pytest.mark.timeout(420)  # about a minute on a quiet 2-core VM; slower beside other test runs
 def test_quick_mode_writes_valid_results(tmp_path: Path) -> None:
-    runs = []
-    for i, only in enumerate(GROUPS):
-        out, docs = tmp_path / f"results-{i}.json", tmp_path / f"docs-{i}"
-        runs.append((out, docs, subprocess.Popen(
-            [sys.executable, "-m", "bench.run", "--quick", "--only", only, "--out", str(out), "--docs", str(docs)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
     listed = subprocess.run([sys.executable, "-c", "from bench.run import COMPARISONS; print(*COMPARISONS)"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert sorted(",".join(GROUPS).split(",")) == sorted(listed)  # every comparison, once
-    results: dict[str, Any] = {}
-    pngs: list[Path] = []
-    for out, docs, proc in runs:
-        _, err = proc.communicate(timeout=390)
-        assert proc.returncode == 0, err[-3000:]
-        part = json.loads(out.read_text())
-        results = {**part, "comparisons": results.get("comparisons", []) + part["comparisons"]}
-        md = (docs / "BENCHMARKS.md").read_text()
-        assert "| comparison | metric |" in md
-        pngs += docs.glob("*.png")
+    runs = []
+    try:
+        for i, only in enumerate(GROUPS):
+            out, docs, err = tmp_path / f"results-{i}.json", tmp_path / f"docs-{i}", tmp_path / f"stderr-{i}"
+            with err.open("w") as err_file:  # a file: a pipe nobody reads yet could fill and stall the run
+                runs.append((out, docs, err, subprocess.Popen(
+                    [sys.executable, "-m", "bench.run", "--quick", "--only", only, "--out", str(out), "--docs",
+                     str(docs)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file)))
+        results: dict[str, Any] = {}
+        pngs: list[Path] = []
+        for out, docs, err, proc in runs:
+            assert proc.wait(timeout=390) == 0, err.read_text()[-3000:]
+            part = json.loads(out.read_text())
+            results = {**part, "comparisons": results.get("comparisons", []) + part["comparisons"]}
+            md = (docs / "BENCHMARKS.md").read_text()
+            assert "| comparison | metric |" in md
+            pngs += docs.glob("*.png")
+    finally:
+        for *_, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert set(results) >= {"machine", "date", "comparisons"}
     assert results["machine"]["cores"] >= 1 and results["quick"] is True
     names = {c["name"] for c in results["comparisons"]}
